@@ -1,0 +1,726 @@
+// anyevent_task.hpp - blocking code for event-driven programs, through a pool
+// of forked worker processes.
+//
+// A server forks one worker process per connection. An asynchronous client
+// keeps a pool of such connections and hands one worker out exclusively as a
+// checkout; calls on a checkout travel as length-prefixed JSON, and replies
+// and errors come back to callbacks. Errors reach the right handler through
+// frames: error handlers that travel with a callback. LogDefer collects a
+// structured log per request and merges the worker's log into the client's.
+// POSIX only, C++17, no dependency beyond libc. The C++ successor of Perl's
+// AnyEvent::Task.
+//
+// Quick start
+//
+//   aet::ServerOptions so;
+//   so.listen = "unix:/tmp/hasher.sock";
+//   so.interface = aet::Methods{
+//       {"hash", [](const aet::Json& args) { return slow_hash(args[0].as_string()); }}};
+//   auto server = aet::fork_task_server(so);       // ends when `server` is dropped
+//
+//   aet::Loop loop;
+//   aet::Client client(loop, {"unix:/tmp/hasher.sock"});
+//   client.checkout().call("hash", {"secret"}, [&](aet::Checkout&, aet::Json h) {
+//     std::puts(h.as_string().c_str()); loop.stop(); });
+//   loop.run();
+//
+// Configuration macros (define before including)
+//
+//   AET_DEFAULT_MAX_FRAME   largest frame accepted by default (64 MiB)
+//   AET_DEFAULT_MAX_DEPTH   JSON nesting limit by default (512)
+//
+// Licence: MIT. Copyright (c) 2026 the anyevent_task authors; see LICENSE.
+//
+// Map of this file: the public declarations, section by section, in the
+// order errors & frames, json, log_defer, loop, protocol, server, client;
+// then the implementation of each section, in the same order, with its
+// internals in aet::detail.
+
+#ifndef ANYEVENT_TASK_HPP
+#define ANYEVENT_TASK_HPP
+
+#include <poll.h>
+#include <sys/types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <initializer_list>
+#include <map>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#ifndef AET_DEFAULT_MAX_FRAME
+#define AET_DEFAULT_MAX_FRAME (64u * 1024u * 1024u)
+#endif
+#ifndef AET_DEFAULT_MAX_DEPTH
+#define AET_DEFAULT_MAX_DEPTH 512u
+#endif
+
+namespace aet {
+
+// ===========================================================================
+// Errors & frames
+//
+// Owns the exception hierarchy and frames: error handlers and frame-local
+// bindings captured where a callback is created and restored whenever it
+// runs. Knows nothing of JSON, sockets or loops; everything below uses it.
+// ===========================================================================
+
+// Every exception the library throws derives from aet::Error.
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// A system call failed; code() is the errno value.
+class SystemError : public Error {
+ public:
+  SystemError(const std::string& what, int code);
+  int code() const noexcept { return code_; }
+
+ private:
+  int code_;
+};
+
+// A handler given to frame() or frame_try(): the exception and the trace,
+// frames innermost first, one "file:line - NAME" per line.
+using Catcher = std::function<void(const std::exception& error, const std::string& trace)>;
+
+namespace detail {
+struct FrameNode;
+}
+
+// A snapshot of the frames in force at one point: what a framed callable
+// restores when it runs.
+class FrameContext {
+ public:
+  FrameContext() = default;  // the empty context: no catcher, no binding
+  // Delivers `error` to the innermost catcher of this context, as if a
+  // callback created here had thrown it; with no catcher left it rethrows.
+  void raise(std::exception_ptr error) const;
+  // Runs `code` with this context in force (catchers apply to its throws).
+  void run(const std::function<void()>& code) const;
+  explicit operator bool() const noexcept { return node_ != nullptr; }
+
+ private:
+  friend FrameContext current_frame();
+  template <class T>
+  friend class FrameLocal;
+  friend struct detail::FrameNode;
+  explicit FrameContext(std::shared_ptr<detail::FrameNode> node) : node_(std::move(node)) {}
+  std::shared_ptr<detail::FrameNode> node_;
+};
+
+// The frames in force right now.
+FrameContext current_frame();
+
+namespace detail {
+// Creates a child frame of the current one (used by frame() and frame_try()).
+FrameContext push_frame(Catcher catcher, std::string name, const char* file, int line);
+}  // namespace detail
+
+// A callable wrapped in a frame. Calling it restores the frame it was made
+// in; an exception escaping `code` goes to that frame's catchers.
+template <class F>
+class Framed {
+ public:
+  Framed(F code, FrameContext context) : code_(std::move(code)), context_(std::move(context)) {}
+  template <class... Args>
+  void operator()(Args&&... args);
+  const FrameContext& context() const noexcept { return context_; }
+
+ private:
+  F code_;
+  FrameContext context_;
+};
+
+// True for Framed<...>: library code never wraps a framed callable twice.
+template <class F>
+struct is_framed : std::false_type {};
+template <class F>
+struct is_framed<Framed<F>> : std::true_type {};
+
+// Wraps `code` in a new frame with `catcher` (may be empty) named `name`.
+template <class F>
+auto frame(F code, Catcher catcher = {}, std::string name = {},
+           const char* file = __builtin_FILE(), int line = __builtin_LINE());
+
+// Wraps `code` so that it runs with the frames in force here ("frame
+// unless framed": a framed callable is returned as it is).
+template <class F>
+auto fub(F code, const char* file = __builtin_FILE(), int line = __builtin_LINE());
+
+// Runs `code` at once inside a new frame with `catcher`.
+void frame_try(const std::function<void()>& code, Catcher catcher, std::string name = {},
+               const char* file = __builtin_FILE(), int line = __builtin_LINE());
+
+// A frame-local variable of type T. bind(value, code) runs `code` in a new
+// frame where get() sees `value`; callbacks created inside see it too,
+// whenever they run, and nothing outside does.
+template <class T>
+class FrameLocal {
+ public:
+  template <class F>
+  void bind(T value, F&& code, const char* file = __builtin_FILE(), int line = __builtin_LINE());
+  const T* get() const;  // nullptr where unbound
+  T value_or(T fallback) const {
+    const T* v = get();
+    return v ? *v : fallback;
+  }
+};
+
+template <class T, class F>
+void frame_local(FrameLocal<T>& variable, T value, F&& code) {
+  variable.bind(std::move(value), std::forward<F>(code));
+}
+
+// ===========================================================================
+// JSON
+//
+// Owns aet::Json: the value type, its parser and its printer. Strict: UTF-8
+// is validated both ways, nesting is bounded, NaN is refused. Uses only the
+// errors above.
+// ===========================================================================
+
+// Wrong type, missing key, unprintable value.
+class JsonError : public Error {
+ public:
+  using Error::Error;
+};
+
+// Text that is not JSON; where() is a byte offset, line and column from 1.
+class JsonParseError : public JsonError {
+ public:
+  JsonParseError(const std::string& what, std::size_t offset, std::size_t line, std::size_t column);
+  std::size_t offset() const noexcept { return offset_; }
+  std::size_t line() const noexcept { return line_; }
+  std::size_t column() const noexcept { return column_; }
+
+ private:
+  std::size_t offset_, line_, column_;
+};
+
+class Json {
+ public:
+  enum class Type : std::uint8_t { Null, Bool, Int, Double, String, Array, Object };
+  using Array = std::vector<Json>;
+  // Insertion order is kept; keys are unique (parse rejects duplicates).
+  using Object = std::vector<std::pair<std::string, Json>>;
+
+  struct ParseOptions {
+    std::size_t max_depth = AET_DEFAULT_MAX_DEPTH;
+  };
+
+  Json() noexcept;  // null
+  Json(std::nullptr_t) noexcept;
+  Json(bool value) noexcept;
+  template <class T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool>, int> = 0>
+  Json(T value);  // unsigned values above INT64_MAX become doubles
+  Json(double value) noexcept;
+  Json(const char* value);
+  Json(std::string value);
+  Json(std::string_view value);
+  Json(Array value);
+  Json(Object value);
+  // Always an array, whatever the elements: Json{a, b} is [a, b]. Copy a
+  // value with Json(v) or `= v`, never with braces.
+  Json(std::initializer_list<Json> elements);
+  static Json array(std::initializer_list<Json> elements = {});
+  static Json object(std::initializer_list<std::pair<std::string, Json>> members = {});
+
+  Json(const Json&);
+  Json(Json&&) noexcept;
+  Json& operator=(const Json&);
+  Json& operator=(Json&&) noexcept;
+  ~Json();
+
+  Type type() const noexcept;
+  bool is_null() const noexcept;
+  bool is_bool() const noexcept;
+  bool is_int() const noexcept;
+  bool is_double() const noexcept;
+  bool is_number() const noexcept;  // int or double
+  bool is_string() const noexcept;
+  bool is_array() const noexcept;
+  bool is_object() const noexcept;
+
+  // Typed access; a wrong type throws JsonError("expected string, got number").
+  bool as_bool() const;
+  std::int64_t as_int() const;  // a double with an integral value in range is accepted
+  double as_double() const;     // an int converts
+  const std::string& as_string() const;
+  const Array& as_array() const;
+  Array& as_array();
+  const Object& as_object() const;
+  Object& as_object();
+
+  // Arrays and objects. size() is 0 for scalars.
+  std::size_t size() const noexcept;
+  bool empty() const noexcept;
+  const Json& operator[](std::size_t index) const;  // throws JsonError out of range
+  Json& operator[](std::size_t index);
+  const Json& operator[](std::string_view key) const;  // throws JsonError when missing
+  Json& operator[](std::string_view key);              // inserts null; null becomes {}
+  const Json* find(std::string_view key) const;        // nullptr when missing
+  Json* find(std::string_view key);
+  bool contains(std::string_view key) const;
+  void push_back(Json value);  // null becomes []
+
+  friend bool operator==(const Json& a, const Json& b);
+  friend bool operator!=(const Json& a, const Json& b) { return !(a == b); }
+
+  // Compact when indent < 0, else pretty with `indent` spaces. Throws
+  // JsonError for NaN, infinities and strings that are not UTF-8.
+  std::string dump(int indent = -1) const;
+  void dump_to(std::string& out, int indent = -1) const;
+
+  static Json parse(std::string_view text, const ParseOptions& options);
+  static Json parse(std::string_view text);
+
+ private:
+  // Implementation-defined storage; see the JSON implementation section.
+  Type type_ = Type::Null;
+  union Storage {
+    bool boolean;
+    std::int64_t integer;
+    double number;
+    std::string* string;
+    Array* array;
+    Object* object;
+  } value_{};
+  void destroy() noexcept;
+};
+
+const char* to_string(Json::Type type) noexcept;  // "null", "boolean", "number", ...
+
+// ===========================================================================
+// LogDefer
+//
+// Owns aet::LogDefer, a structured log for one request in the format of
+// Perl's Log::Defer, delivered once as a JSON message when its last handle
+// is dropped, and aet::logger(), the per-request log inside a worker. Uses
+// errors and json only.
+// ===========================================================================
+
+namespace detail {
+struct LogDeferState;
+}
+
+class LogDefer {
+ public:
+  enum Level : int { error_level = 10, warn_level = 20, info_level = 30, debug_level = 40 };
+  using Callback = std::function<void(const Json& message)>;
+
+  // The message reaches `on_done` when the last copy of this handle goes.
+  explicit LogDefer(Callback on_done);
+  LogDefer(const LogDefer&) = default;
+  LogDefer(LogDefer&&) noexcept = default;
+  LogDefer& operator=(const LogDefer&) = default;
+  LogDefer& operator=(LogDefer&&) noexcept = default;
+  ~LogDefer() = default;
+
+  // One entry [t, level, items...]; each item becomes Json. A single
+  // callable item is called only when the level passes verbosity (lazy).
+  template <class... Items>
+  void error(Items&&... items) { log(error_level, std::forward<Items>(items)...); }
+  template <class... Items>
+  void warn(Items&&... items) { log(warn_level, std::forward<Items>(items)...); }
+  template <class... Items>
+  void info(Items&&... items) { log(info_level, std::forward<Items>(items)...); }
+  template <class... Items>
+  void debug(Items&&... items) { log(debug_level, std::forward<Items>(items)...); }
+  void add_log(int level, Json::Array items);
+
+  // Entries above this level are dropped (default: debug, everything kept).
+  void verbosity(int level);
+  int verbosity() const;
+  bool enabled(int level) const { return level <= verbosity(); }
+
+  // A timer [name, t0, t1] that ends when the guard goes.
+  class Timer {
+   public:
+    Timer(Timer&&) noexcept;
+    Timer& operator=(Timer&&) noexcept;
+    Timer(const Timer&) = delete;
+    Timer& operator=(const Timer&) = delete;
+    ~Timer();
+    void finish();  // ends it early
+
+   private:
+    friend class LogDefer;
+    Timer(std::shared_ptr<detail::LogDeferState> state, std::size_t index);
+    std::shared_ptr<detail::LogDeferState> state_;
+    std::size_t index_ = 0;
+  };
+  Timer timer(std::string name);
+
+  Json& data();  // free-form "data" object
+
+  // Adds another LogDefer message: its logs and timers are moved onto this
+  // message's time axis, logs kept in time order; its data merged in. If
+  // the message carries "pid", each of its entries gets {"pid": N} appended.
+  void merge(const Json& message);
+
+  Json message() const;  // the message as it would be delivered now
+
+ private:
+  template <class... Items>
+  void log(int level, Items&&... items);
+  std::shared_ptr<detail::LogDeferState> state_;
+};
+
+// Inside a worker: the LogDefer of the request being served; its message
+// rides back in the reply. Outside a request, a log that goes nowhere.
+LogDefer& logger();
+
+// ===========================================================================
+// Loop
+//
+// Owns the poll(2) event loop and the small interface through which the
+// client runs on any loop (EventHost), plus RAII io watchers and timers.
+// Knows nothing of protocols, servers or clients.
+// ===========================================================================
+
+enum IoEvents : unsigned { io_read = 1u, io_write = 2u };
+
+// What the client needs from an event loop. aet::Loop implements it; an
+// adapter for epoll, libuv or asio implements these five calls.
+class EventHost {
+ public:
+  using Id = std::uint64_t;
+  using IoCallback = std::function<void(unsigned events)>;  // io_read | io_write
+  using TimerCallback = std::function<void()>;
+  virtual ~EventHost() = default;
+
+  // Errors and hang-ups are reported as io_read readiness.
+  virtual Id add_io(int fd, unsigned events, IoCallback callback) = 0;
+  virtual void modify_io(Id id, unsigned events) = 0;
+  virtual void remove_io(Id id) = 0;
+  // One shot when repeat <= 0, else every `repeat` seconds after the first.
+  virtual Id start_timer(double after, double repeat, TimerCallback callback) = 0;
+  virtual void stop_timer(Id id) = 0;
+};
+
+// An io interest that is removed when the watcher goes.
+class IoWatcher {
+ public:
+  IoWatcher() = default;
+  IoWatcher(EventHost& host, int fd, unsigned events, EventHost::IoCallback callback);
+  IoWatcher(IoWatcher&& other) noexcept;
+  IoWatcher& operator=(IoWatcher&& other) noexcept;
+  ~IoWatcher() { reset(); }
+  void set_events(unsigned events);
+  unsigned events() const noexcept { return events_; }
+  void reset();  // removes the interest now
+  explicit operator bool() const noexcept { return host_ != nullptr; }
+
+ private:
+  EventHost* host_ = nullptr;
+  EventHost::Id id_ = 0;
+  unsigned events_ = 0;
+};
+
+// A timer that is stopped when the guard goes.
+class Timer {
+ public:
+  Timer() = default;
+  Timer(EventHost& host, double after, double repeat, EventHost::TimerCallback callback);
+  Timer(Timer&& other) noexcept;
+  Timer& operator=(Timer&& other) noexcept;
+  ~Timer() { reset(); }
+  void reset();
+  explicit operator bool() const noexcept { return host_ != nullptr; }
+
+ private:
+  EventHost* host_ = nullptr;
+  EventHost::Id id_ = 0;
+};
+
+namespace detail {
+struct LoopState;
+}
+
+// The poll(2) loop. run() is prepare() + poll() + process() in a loop, the
+// same calls an application with its own poll loop makes.
+class Loop : public EventHost {
+ public:
+  Loop();
+  ~Loop() override;
+  Loop(const Loop&) = delete;
+  Loop& operator=(const Loop&) = delete;
+
+  Id add_io(int fd, unsigned events, IoCallback callback) override;
+  void modify_io(Id id, unsigned events) override;
+  void remove_io(Id id) override;
+  Id start_timer(double after, double repeat, TimerCallback callback) override;
+  void stop_timer(Id id) override;
+
+  IoWatcher io(int fd, unsigned events, IoCallback callback) {
+    return IoWatcher(*this, fd, events, std::move(callback));
+  }
+  Timer after(double seconds, TimerCallback callback) {
+    return Timer(*this, seconds, 0, std::move(callback));
+  }
+  Timer every(double seconds, TimerCallback callback) {
+    return Timer(*this, seconds, seconds, std::move(callback));
+  }
+
+  void run();                            // until stop() or nothing is left to wait for
+  bool run_once(double timeout = -1);    // one poll, at most `timeout` s (< 0: until an event);
+                                         // false when there was nothing to wait for
+  void stop();                           // makes run() return after this dispatch
+
+  // Embedding: append this loop's interests to `fds` and return the poll
+  // timeout it needs in ms (-1: none), to be lowered into your own.
+  int prepare(std::vector<pollfd>& fds);
+  // After poll(): hand back the entries prepare() appended (in any place
+  // of your array); runs ready callbacks and due timers.
+  void process(const pollfd* fds, std::size_t count);
+
+  static double now();  // monotonic seconds
+
+ private:
+  std::unique_ptr<detail::LoopState> state_;
+};
+
+// ===========================================================================
+// Protocol
+//
+// Owns the wire format: a frame is a 4-byte big-endian length and that many
+// bytes of JSON holding one array, ["do"|"dn"|"ok"|"er", {meta}, ...]. Owns
+// encoding, incremental decoding and shape checks; no sockets, no loop.
+// ===========================================================================
+
+class ProtocolError : public Error {
+ public:
+  using Error::Error;
+};
+
+constexpr std::size_t default_max_frame = AET_DEFAULT_MAX_FRAME;
+
+// Appends one frame holding `message` to `out`.
+void append_frame(std::string& out, const Json& message);
+std::string encode_frame(const Json& message);
+
+// Throws ProtocolError unless `message` is a well-formed do/dn/ok/er array.
+void check_message(const Json& message);
+
+// Takes bytes in any chunking and yields whole, shape-checked messages.
+class FrameDecoder {
+ public:
+  explicit FrameDecoder(std::size_t max_frame = default_max_frame,
+                        std::size_t max_depth = AET_DEFAULT_MAX_DEPTH);
+  // Throws ProtocolError as soon as a header announces an oversize frame.
+  void feed(const char* data, std::size_t size);
+  void feed(std::string_view bytes) { feed(bytes.data(), bytes.size()); }
+  // The next whole message, or nothing yet; ProtocolError on a bad one.
+  std::optional<Json> next();
+  std::size_t buffered() const noexcept;  // bytes held, not yet yielded
+
+ private:
+  std::size_t max_frame_, max_depth_;
+  std::string buffer_;
+  std::size_t read_pos_ = 0;
+};
+
+// ===========================================================================
+// Server
+//
+// Owns the listening socket, the fork of one worker per connection, the
+// worker's request loop, signals and reaping. Uses json, log_defer, loop
+// and protocol; knows nothing of the client.
+// ===========================================================================
+
+class ServerError : public Error {
+ public:
+  using Error::Error;
+};
+
+using Method = std::function<Json(const Json& args)>;  // args after the method name
+using Methods = std::map<std::string, Method, std::less<>>;
+using CatchAll = std::function<Json(const Json& args)>;  // every argument
+using Interface = std::variant<Methods, CatchAll>;
+
+struct ServerOptions {
+  std::string listen;                 // "unix:PATH", "tcp:HOST:PORT", "tcp:[V6]:PORT"
+  std::string name = "aet";           // process titles aet-server:NAME, aet-worker:NAME
+  std::function<void()> setup;        // once per worker, lazily, retried after a throw
+  std::function<void()> checkout_done;  // a checkout was released normally ("dn")
+  double hung_worker_timeout = 300;   // seconds a request may run; 0: no limit
+  Interface interface;                // method table or catch-all
+  unsigned socket_mode = 0600;        // Unix socket file permissions
+  std::size_t max_frame = default_max_frame;
+};
+
+namespace detail {
+struct ServerState;
+}
+
+class Server {
+ public:
+  // Binds and listens at once (so a TCP port 0 is known); throws ServerError.
+  explicit Server(ServerOptions options);
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // The address bound, with the real port: "tcp:127.0.0.1:43117".
+  const std::string& address() const;
+  int port() const;  // 0 for Unix sockets
+
+  // Accepts and forks until SIGTERM/SIGINT or stop(); reaps every child.
+  void run();
+  void stop();  // async-signal-safe
+
+ private:
+  std::unique_ptr<detail::ServerState> state_;
+};
+
+// A server in its own process, alive while this handle (and the process
+// that made it) lives.
+class TaskServer {
+ public:
+  TaskServer(TaskServer&&) noexcept;
+  TaskServer& operator=(TaskServer&&) noexcept;
+  ~TaskServer();
+  pid_t pid() const noexcept { return pid_; }
+  const std::string& address() const noexcept { return address_; }
+  void stop();  // ends the server and waits for it
+
+ private:
+  friend TaskServer fork_task_server(ServerOptions options);
+  TaskServer(pid_t pid, int keepalive_fd, std::string address);
+  pid_t pid_ = -1;
+  int keepalive_fd_ = -1;
+  std::string address_;
+};
+
+TaskServer fork_task_server(ServerOptions options);
+
+// ===========================================================================
+// Client
+//
+// Owns the worker pool, checkouts, their queues and timeouts, and the
+// delivery of results and errors into the callers' frames. Uses everything
+// above; touches the event loop only through EventHost.
+// ===========================================================================
+
+// The worker replied with an error ("er"); what() is its message.
+class RemoteError : public Error {
+ public:
+  using Error::Error;
+};
+
+// A checkout failed for good: timeout, lost connection, protocol error or
+// throw_fatal_error(). Every later call on it fails with the same message.
+class CheckoutError : public Error {
+ public:
+  using Error::Error;
+};
+
+class TimeoutError : public CheckoutError {
+ public:
+  using CheckoutError::CheckoutError;
+};
+
+// checkout() refused because max_pending_checkouts are already waiting.
+class OverloadError : public Error {
+ public:
+  using Error::Error;
+};
+
+constexpr double forever = -1;  // a timeout that never expires
+
+struct ClientOptions {
+  std::string connect;                  // as ServerOptions::listen
+  std::string name;                     // in frame names; empty: the connect string
+  unsigned min_workers = 2;             // capped at max_workers
+  unsigned max_workers = 20;
+  double timeout = 30;                  // seconds per call, or aet::forever
+  unsigned max_checkouts = 0;           // checkouts a worker serves; 0: unlimited
+  bool dont_refork_after_error = false;
+  std::size_t max_frame = default_max_frame;
+  std::size_t max_pending_checkouts = 0;  // checkouts waiting for a worker; 0: unlimited
+};
+
+struct CheckoutOptions {
+  std::optional<double> timeout;        // default: the client's
+  std::optional<LogDefer> log_defer;    // calls are timed and worker logs merged here
+};
+
+namespace detail {
+struct CheckoutState;
+struct ClientState;
+}
+
+// A handle on one checkout; copies share it. The worker is held from when
+// the checkout is served until the last handle goes and nothing is pending.
+class Checkout {
+ public:
+  using Callback = std::function<void(Checkout& checkout, Json result)>;
+
+  // Queues a method call; `args` is the array of arguments.
+  template <class F>
+  void call(std::string method, Json args, F callback);
+  // Queues a plain call: no method name is sent.
+  template <class F>
+  void operator()(Json args, F callback);
+  // Fails the call in flight and every later one with `message`.
+  void throw_fatal_error(const std::string& message);
+
+ private:
+  friend class Client;
+  friend struct detail::ClientState;
+  friend struct detail::CheckoutState;
+  explicit Checkout(std::shared_ptr<detail::CheckoutState> state) : state_(std::move(state)) {}
+  void enqueue(std::optional<std::string> method, Json args, Callback callback, FrameContext context);
+  std::shared_ptr<detail::CheckoutState> state_;
+};
+
+class Client {
+ public:
+  Client(EventHost& host, ClientOptions options);
+  ~Client();  // drops every worker; pending checkouts are discarded silently
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  Checkout checkout(CheckoutOptions options = {});
+
+  std::size_t worker_count() const;       // connected or connecting
+  std::size_t idle_worker_count() const;
+  std::size_t pending_checkout_count() const;  // waiting for a worker
+
+ private:
+  std::shared_ptr<detail::ClientState> state_;
+};
+
+}  // namespace aet
+
+// ===========================================================================
+// Implementation
+// ===========================================================================
+
+// ---- implementation: errors & frames --------------------------------------
+
+// ---- implementation: json --------------------------------------------------
+
+// ---- implementation: log_defer ---------------------------------------------
+
+// ---- implementation: loop --------------------------------------------------
+
+// ---- implementation: protocol ----------------------------------------------
+
+// ---- implementation: server ------------------------------------------------
+
+// ---- implementation: client ------------------------------------------------
+
+#endif  // ANYEVENT_TASK_HPP
