@@ -382,6 +382,14 @@ class LogDefer {
 // rides back in the reply. Outside a request, a log that goes nowhere.
 LogDefer& logger();
 
+namespace detail {
+// Used by a worker around each request: a fresh logger() before it, and
+// after it the message (with "pid": getpid()) to send back as meta "ld", or
+// null when nothing was logged; logger() is the log to nowhere again.
+void begin_request_log();
+Json end_request_log();
+}  // namespace detail
+
 // ===========================================================================
 // Loop
 //
