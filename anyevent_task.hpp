@@ -61,6 +61,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -68,6 +70,7 @@
 #include <exception>
 #include <functional>
 #include <initializer_list>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -369,14 +372,21 @@ const char* to_string(Json::Type type) noexcept;  // "null", "boolean", "number"
 
 namespace detail {
 struct LogDeferState;
-}
+struct LogDeferAccess;
+}  // namespace detail
 
+// Copies share one log. Times are seconds relative to "start" (the epoch
+// time at construction), rounded to microseconds; they are measured on the
+// monotonic clock. A handle that was moved from behaves as the log to
+// nowhere (see logger()).
 class LogDefer {
  public:
   enum Level : int { error_level = 10, warn_level = 20, info_level = 30, debug_level = 40 };
   using Callback = std::function<void(const Json& message)>;
 
-  // The message reaches `on_done` when the last copy of this handle goes.
+  // The message reaches `on_done` (may be empty) once, when the last copy
+  // of this handle goes. An exception thrown by `on_done` is reported on
+  // stderr, never thrown from a destructor.
   explicit LogDefer(Callback on_done);
   LogDefer(const LogDefer&) = default;
   LogDefer(LogDefer&&) noexcept = default;
@@ -385,7 +395,8 @@ class LogDefer {
   ~LogDefer() = default;
 
   // One entry [t, level, items...]; each item becomes Json. A single
-  // callable item is called only when the level passes verbosity (lazy).
+  // callable item is lazy: it is called only when the level passes
+  // verbosity, and what it returns is the item.
   template <class... Items>
   void error(Items&&... items) { log(error_level, std::forward<Items>(items)...); }
   template <class... Items>
@@ -397,11 +408,14 @@ class LogDefer {
   void add_log(int level, Json::Array items);
 
   // Entries above this level are dropped (default: debug, everything kept).
+  // The log to nowhere reports a verbosity below every level.
   void verbosity(int level);
-  int verbosity() const;
-  bool enabled(int level) const { return level <= verbosity(); }
+  int verbosity() const noexcept;
+  bool enabled(int level) const noexcept { return level <= verbosity(); }
 
-  // A timer [name, t0, t1] that ends when the guard goes.
+  // A timer [name, t0, t1] that ends when the guard goes or on finish().
+  // It does not keep the log alive: a timer still running when the
+  // message is delivered ends at the delivery time.
   class Timer {
    public:
     Timer(Timer&&) noexcept;
@@ -413,29 +427,37 @@ class LogDefer {
 
    private:
     friend class LogDefer;
-    Timer(std::shared_ptr<detail::LogDeferState> state, std::size_t index);
-    std::shared_ptr<detail::LogDeferState> state_;
+    Timer() = default;  // a timer of the log to nowhere
+    Timer(std::weak_ptr<detail::LogDeferState> state, std::size_t index);
+    std::weak_ptr<detail::LogDeferState> state_;
     std::size_t index_ = 0;
   };
   Timer timer(std::string name);
 
-  Json& data();  // free-form "data" object
+  // The free-form "data" object (left out of the message while empty).
+  Json& data();
 
   // Adds another LogDefer message: its logs and timers are moved onto this
-  // message's time axis, logs kept in time order; its data merged in. If
-  // the message carries "pid", each of its entries gets {"pid": N} appended.
+  // message's time axis (other start - this start + t), logs kept in time
+  // order; its data keys are added (replacing ours of the same name). If
+  // the message carries "pid", each of its log entries gets {"pid": N}
+  // appended. Throws JsonError for a malformed message, adding nothing.
   void merge(const Json& message);
 
-  Json message() const;  // the message as it would be delivered now
+  // The message as it would be delivered now; null for the log to nowhere.
+  Json message() const;
 
  private:
+  friend struct detail::LogDeferAccess;
+  LogDefer() = default;  // the log to nowhere
   template <class... Items>
   void log(int level, Items&&... items);
   std::shared_ptr<detail::LogDeferState> state_;
 };
 
 // Inside a worker: the LogDefer of the request being served; its message
-// rides back in the reply. Outside a request, a log that goes nowhere.
+// rides back in the reply. Outside a request, a log that goes nowhere: every
+// call is valid, cheap and allocation-free, and nothing is kept.
 LogDefer& logger();
 
 namespace detail {
@@ -1081,6 +1103,266 @@ const T* FrameLocal<T>::get() const {
 // ---- implementation: json --------------------------------------------------
 
 // ---- implementation: log_defer ---------------------------------------------
+
+namespace aet {
+namespace detail {
+
+inline double round_to_microseconds(double seconds) { return std::round(seconds * 1e6) / 1e6; }
+
+inline double epoch_seconds() {
+  using namespace std::chrono;
+  return duration<double>(system_clock::now().time_since_epoch()).count();
+}
+
+inline double monotonic_seconds() {
+  using namespace std::chrono;
+  return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+
+struct LogDeferTimer {
+  Json name;
+  double start;
+  double end;
+  bool running;
+};
+
+struct LogDeferState {
+  explicit LogDeferState(LogDefer::Callback callback)
+      : on_done(std::move(callback)),
+        start_epoch(round_to_microseconds(epoch_seconds())),
+        start_monotonic(monotonic_seconds()) {}
+  LogDeferState(const LogDeferState&) = delete;
+  LogDeferState& operator=(const LogDeferState&) = delete;
+
+  // Delivers the message: the last handle is gone.
+  ~LogDeferState() {
+    if (!on_done) return;
+    try {
+      on_done(build(elapsed()));
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "aet::LogDefer: the message callback threw: %s\n", e.what());
+    } catch (...) {
+      std::fprintf(stderr, "aet::LogDefer: the message callback threw an unknown exception\n");
+    }
+  }
+
+  double elapsed() const { return round_to_microseconds(monotonic_seconds() - start_monotonic); }
+
+  Json build(double end) const {
+    Json message = Json::object({{"start", start_epoch}, {"end", end}});
+    if (!logs.empty()) message["logs"] = Json(logs);
+    if (!timers.empty()) {
+      Json::Array list;
+      list.reserve(timers.size());
+      for (const LogDeferTimer& t : timers) list.push_back(Json{t.name, t.start, t.running ? end : t.end});
+      message["timers"] = Json(std::move(list));
+    }
+    if (!data.is_null() && !(data.is_object() && data.empty())) message["data"] = data;
+    return message;
+  }
+
+  bool empty() const {
+    return logs.empty() && timers.empty() && (data.is_null() || (data.is_object() && data.empty()));
+  }
+
+  LogDefer::Callback on_done;
+  int verbosity = LogDefer::debug_level;
+  double start_epoch;
+  double start_monotonic;
+  Json::Array logs;  // [t, level, items...] in time order
+  std::vector<LogDeferTimer> timers;
+  Json data;
+};
+
+struct LogDeferAccess {
+  static LogDefer nowhere() { return LogDefer(); }
+  static const LogDeferState* state(const LogDefer& log) noexcept { return log.state_.get(); }
+};
+
+template <class... Items>
+struct is_lazy_log_item : std::false_type {};
+template <class Item>
+struct is_lazy_log_item<Item> : std::is_invocable<Item&> {};
+
+template <class F>
+Json make_lazy_log_item(F& make) {
+  static_assert(!std::is_void_v<std::invoke_result_t<F&>>, "a lazy log item must return the item");
+  return Json(make());
+}
+
+// The log behind logger(): per request in a worker, else nowhere.
+struct RequestLogs {
+  LogDefer nowhere = LogDeferAccess::nowhere();
+  std::optional<LogDefer> request;
+  LogDefer* active = &nowhere;
+};
+
+inline RequestLogs& request_logs() {
+  static thread_local RequestLogs logs;
+  return logs;
+}
+
+}  // namespace detail
+
+inline LogDefer::LogDefer(Callback on_done)
+    : state_(std::make_shared<detail::LogDeferState>(std::move(on_done))) {}
+
+template <class... Items>
+void LogDefer::log(int level, Items&&... items) {
+  if (!state_ || level > state_->verbosity) return;  // filtered out: nothing is built
+  Json::Array entry;
+  entry.reserve(sizeof...(Items));
+  if constexpr (detail::is_lazy_log_item<Items...>::value) {
+    (entry.push_back(detail::make_lazy_log_item(items)), ...);
+  } else {
+    (entry.emplace_back(std::forward<Items>(items)), ...);
+  }
+  add_log(level, std::move(entry));
+}
+
+inline void LogDefer::add_log(int level, Json::Array items) {
+  if (!state_ || level > state_->verbosity) return;
+  Json::Array entry;
+  entry.reserve(items.size() + 2);
+  entry.emplace_back(state_->elapsed());
+  entry.emplace_back(level);
+  for (Json& item : items) entry.push_back(std::move(item));
+  state_->logs.emplace_back(std::move(entry));
+}
+
+inline void LogDefer::verbosity(int level) {
+  if (state_) state_->verbosity = level;
+}
+
+inline int LogDefer::verbosity() const noexcept {
+  return state_ ? state_->verbosity : std::numeric_limits<int>::min();
+}
+
+inline LogDefer::Timer::Timer(std::weak_ptr<detail::LogDeferState> state, std::size_t index)
+    : state_(std::move(state)), index_(index) {}
+
+inline LogDefer::Timer::Timer(Timer&& other) noexcept
+    : state_(std::move(other.state_)), index_(other.index_) {
+  other.state_.reset();
+}
+
+inline LogDefer::Timer& LogDefer::Timer::operator=(Timer&& other) noexcept {
+  if (this != &other) {
+    finish();
+    state_ = std::move(other.state_);
+    index_ = other.index_;
+    other.state_.reset();
+  }
+  return *this;
+}
+
+inline LogDefer::Timer::~Timer() { finish(); }
+
+inline void LogDefer::Timer::finish() {
+  if (auto state = state_.lock()) {
+    detail::LogDeferTimer& t = state->timers[index_];
+    if (t.running) {
+      t.end = state->elapsed();
+      t.running = false;
+    }
+  }
+  state_.reset();
+}
+
+inline LogDefer::Timer LogDefer::timer(std::string name) {
+  if (!state_) return Timer();
+  state_->timers.push_back({Json(std::move(name)), state_->elapsed(), 0, true});
+  return Timer(state_, state_->timers.size() - 1);
+}
+
+inline Json& LogDefer::data() {
+  if (!state_) {
+    // Nowhere: a scratch object, emptied on every call, so nothing builds up.
+    static thread_local Json scratch;
+    if (scratch.is_object()) {
+      scratch.as_object().clear();
+    } else {
+      scratch = Json::object();
+    }
+    return scratch;
+  }
+  if (state_->data.is_null()) state_->data = Json::object();
+  return state_->data;
+}
+
+inline void LogDefer::merge(const Json& message) {
+  if (!state_) return;
+  detail::LogDeferState& self = *state_;
+  if (!message.is_object()) throw JsonError("LogDefer::merge: expected an object message");
+  const Json* start = message.find("start");
+  const double shift = start ? start->as_double() - self.start_epoch : 0.0;
+  const Json* pid = message.find("pid");
+
+  // Everything is converted first, so a malformed message adds nothing.
+  Json::Array logs;
+  if (const Json* other = message.find("logs")) {
+    for (const Json& entry : other->as_array()) {
+      const Json::Array& fields = entry.as_array();
+      if (fields.size() < 2) throw JsonError("LogDefer::merge: a log entry needs a time and a level");
+      Json::Array shifted = fields;
+      shifted[0] = detail::round_to_microseconds(fields[0].as_double() + shift);
+      if (pid) shifted.push_back(Json::object({{"pid", *pid}}));
+      logs.emplace_back(std::move(shifted));
+    }
+  }
+  std::vector<detail::LogDeferTimer> timers;
+  if (const Json* other = message.find("timers")) {
+    for (const Json& entry : other->as_array()) {
+      const Json::Array& fields = entry.as_array();
+      if (fields.size() != 3) throw JsonError("LogDefer::merge: a timer is [name, start, end]");
+      timers.push_back({fields[0], detail::round_to_microseconds(fields[1].as_double() + shift),
+                        detail::round_to_microseconds(fields[2].as_double() + shift), false});
+    }
+  }
+  const Json* data = message.find("data");
+  if (data && !data->is_null() && !data->is_object()) {
+    throw JsonError("LogDefer::merge: \"data\" must be an object");
+  }
+
+  for (Json& entry : logs) self.logs.push_back(std::move(entry));
+  std::stable_sort(self.logs.begin(), self.logs.end(), [](const Json& a, const Json& b) {
+    return a[0].as_double() < b[0].as_double();
+  });
+  for (detail::LogDeferTimer& t : timers) self.timers.push_back(std::move(t));
+  if (data && data->is_object() && !data->empty()) {
+    Json& mine = this->data();
+    for (const auto& member : data->as_object()) mine[member.first] = member.second;
+  }
+}
+
+inline Json LogDefer::message() const { return state_ ? state_->build(state_->elapsed()) : Json(); }
+
+inline LogDefer& logger() { return *detail::request_logs().active; }
+
+namespace detail {
+
+inline void begin_request_log() {
+  RequestLogs& logs = request_logs();
+  logs.request.emplace(LogDefer::Callback{});
+  logs.active = &*logs.request;
+}
+
+inline Json end_request_log() {
+  RequestLogs& logs = request_logs();
+  logs.active = &logs.nowhere;
+  if (!logs.request) return Json();
+  std::optional<LogDefer> finished = std::move(logs.request);
+  logs.request.reset();
+  const LogDeferState* state = LogDeferAccess::state(*finished);
+  if (!state || state->empty()) return Json();
+  Json message = finished->message();
+  message["pid"] = static_cast<std::int64_t>(::getpid());
+  return message;
+}
+
+}  // namespace detail
+}  // namespace aet
+
 
 // ---- implementation: loop --------------------------------------------------
 
