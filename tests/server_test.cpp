@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 #include <netdb.h>
+#include <sys/inotify.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -611,8 +612,13 @@ TEST_CASE("a TCP port already in use is a bind error") {
   }
 }
 
-TEST_CASE("a Unix socket file is created with mode 0600 whatever the umask") {
+TEST_CASE("a Unix socket file is created with mode 0600 whatever the umask, never wider") {
   TempDir dir;
+  // inotify reports a chmod after creation as IN_ATTRIB: there is none, so
+  // the file was born with its final mode and was never wider.
+  int watch = ::inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
+  REQUIRE(watch >= 0);
+  REQUIRE(::inotify_add_watch(watch, dir.path().c_str(), IN_CREATE | IN_ATTRIB) >= 0);
   mode_t old_umask = ::umask(0);
   aet::Server server(options_for(dir.unix_address()));
   ::umask(old_umask);
@@ -620,6 +626,21 @@ TEST_CASE("a Unix socket file is created with mode 0600 whatever the umask") {
   REQUIRE(::lstat(dir.file("s.sock").c_str(), &st) == 0);
   CHECK(S_ISSOCK(st.st_mode));
   CHECK((st.st_mode & 07777) == 0600);
+  alignas(inotify_event) char events[4096];
+  ssize_t n = ::read(watch, events, sizeof events);
+  ::close(watch);
+  REQUIRE(n > 0);
+  int created = 0, attribute_changes = 0;
+  for (ssize_t at = 0; at < n;) {
+    const auto* event = reinterpret_cast<const inotify_event*>(events + at);
+    if (event->len > 0 && std::string(event->name) == "s.sock") {
+      if (event->mask & IN_CREATE) ++created;
+      if (event->mask & IN_ATTRIB) ++attribute_changes;
+    }
+    at += static_cast<ssize_t>(sizeof(inotify_event) + event->len);
+  }
+  CHECK(created == 1);
+  CHECK(attribute_changes == 0);
 }
 
 TEST_CASE("socket_mode sets the socket file's mode exactly, even under a narrower umask") {
