@@ -186,6 +186,14 @@ aet::Methods test_methods() {
          ::closedir(dir);
          return list;
        }},
+      {"block_sigterm",
+       [](const Json&) {
+         sigset_t term;
+         sigemptyset(&term);
+         sigaddset(&term, SIGTERM);
+         sigprocmask(SIG_BLOCK, &term, nullptr);
+         return Json("blocked");
+       }},
       {"setup_attempts", [](const Json&) { return Json(setup_attempts); }},
       {"checkouts_done", [](const Json&) { return Json(checkouts_done); }},
       {"log",
@@ -790,6 +798,16 @@ TEST_CASE("SIGTERM to a worker: idle it exits, busy it replies first") {
   REQUIRE(reply);
   CHECK((*reply)[2] == "slept");
   CHECK(busy.closes_within(2));
+}
+
+TEST_CASE("an idle worker exits on SIGTERM even after its handler blocked SIGTERM") {
+  TempDir dir;
+  auto server = aet::fork_task_server(options_for(dir.unix_address()));
+  Wire wire(server.address());
+  auto pid = static_cast<pid_t>(wire.result(args({"pid"})).as_int());
+  CHECK(wire.result(args({"block_sigterm"})) == "blocked");
+  ::kill(pid, SIGTERM);
+  CHECK(wire.closes_within(2));
 }
 
 TEST_CASE("a fork_task_server ends when its handle is dropped") {
