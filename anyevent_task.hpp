@@ -743,6 +743,7 @@ class Server {
 // that made it) lives.
 class TaskServer {
  public:
+  TaskServer() = default;  // no server: pid() is -1, stop() does nothing
   TaskServer(TaskServer&&) noexcept;
   TaskServer& operator=(TaskServer&&) noexcept;
   ~TaskServer();  // stop()

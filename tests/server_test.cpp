@@ -837,6 +837,15 @@ TEST_CASE("a moved TaskServer keeps its server; the moved-from handle does nothi
   CHECK(wire.result(args({"echo", 1})) == Json::array({1}));
   second.stop();
   CHECK_FALSE(aet_test::process_alive(pid));
+
+  aet::TaskServer later;  // empty until assigned
+  CHECK(later.pid() == -1);
+  later = aet::fork_task_server(options_for(dir.unix_address()));
+  Wire again(later.address());
+  CHECK(again.result(args({"echo", 2})) == Json::array({2}));
+  pid_t later_pid = later.pid();
+  later = aet::TaskServer();  // assigning stops the server it held
+  CHECK_FALSE(aet_test::process_alive(later_pid));
 }
 
 TEST_CASE("a fork_task_server ends when the process that made it dies") {
