@@ -194,6 +194,7 @@ aet::Methods test_methods() {
          sigprocmask(SIG_BLOCK, &term, nullptr);
          return Json("blocked");
        }},
+      {"big", [](const Json&) { return Json(std::string(16 << 20, 'x')); }},
       {"setup_attempts", [](const Json&) { return Json(setup_attempts); }},
       {"checkouts_done", [](const Json&) { return Json(checkouts_done); }},
       {"log",
@@ -780,6 +781,25 @@ TEST_CASE("SIGTERM stops accepting, removes the socket file and lets a busy work
   CHECK((*reply)[2] == "slept");
   CHECK(busy.closes_within(2));
   CHECK(eventually([&] { return !aet_test::process_alive(server.pid()); }, 5));
+}
+
+TEST_CASE("a stopping server kills a worker still busy after hung_worker_timeout") {
+  TempDir dir;
+  aet::ServerOptions options = options_for(dir.unix_address());
+  options.hung_worker_timeout = 0.3;
+  StderrCapture stderr_capture;
+  auto server = stderr_capture.redirect([&] { return aet::fork_task_server(options); });
+  // The reply is far larger than the socket buffers and this client never
+  // reads it: the worker stays blocked in send(), past its request timer.
+  Wire stuck(server.address());
+  stuck.send(Json::array({"do", Json::object(), "big"}));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  const double start = monotonic_now();
+  REQUIRE(::kill(server.pid(), SIGTERM) == 0);
+  CHECK(eventually([&] { return !aet_test::process_alive(server.pid()); }, 5));
+  CHECK(monotonic_now() - start < 2);
+  CHECK(stderr_capture.wait_for("still busy, killing it"));
+  CHECK(stderr_capture.wait_for("killed by signal 9"));
 }
 
 TEST_CASE("SIGTERM to a worker: idle it exits, busy it replies first") {
