@@ -783,9 +783,10 @@ class TaskServer {
 // Binds here (errors are thrown here, the port is known), then forks a
 // process that runs the server. That process ends when the handle is
 // dropped or this process dies: it watches a keep-alive socket whose other
-// end only this process holds (and asks for SIGTERM on parent death, which
-// Linux sends when the forking *thread* ends). A child this process forks
-// without exec keeps the keep-alive end open too.
+// end this process holds; dropping the handle shuts that socket down, and
+// dying closes it. As a second guard it asks for SIGTERM on parent death,
+// which Linux sends when the forking *thread* ends: call it from a thread
+// that outlives the handle, such as the main thread.
 TaskServer fork_task_server(ServerOptions options);
 
 // ===========================================================================
@@ -2595,6 +2596,10 @@ class OwnedFd {
   int fd_ = -1;
 };
 
+// The server whose run() is active in this process: where its signal
+// handlers write. A forked child clears it (the server is its parent's).
+inline std::atomic<ServerState*> running_server{nullptr};
+
 inline std::string errno_text(int error) { return std::strerror(error); }
 
 inline double monotonic_seconds() noexcept {
@@ -3212,6 +3217,7 @@ class Worker {
 [[noreturn]] inline void become_worker(const ServerOptions& options, int conn) noexcept {
   try {
     reset_signal_dispositions();
+    running_server.store(nullptr);
     install_handler(SIGTERM, on_worker_stop_signal, SA_RESTART);
     install_handler(SIGINT, on_worker_stop_signal, SA_RESTART);
     if (options.hung_worker_timeout > 0) install_handler(SIGALRM, on_hung_worker, 0);
@@ -3269,9 +3275,6 @@ struct ServerState {
 };
 
 namespace server_internals {
-
-// The server whose run() is active: where the signal handlers write.
-inline std::atomic<ServerState*> running_server{nullptr};
 
 inline void on_server_stop_signal(int) {
   int saved = errno;
@@ -3609,6 +3612,7 @@ inline TaskServer fork_task_server(ServerOptions options) {
       // The server process: never returns into the caller.
       try {
         si::reset_signal_dispositions();
+        si::running_server.store(nullptr);
         si::unblock_all_signals();
 #ifdef __linux__
         prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0);
