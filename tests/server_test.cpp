@@ -195,6 +195,15 @@ aet::Methods test_methods() {
          return Json("blocked");
        }},
       {"big", [](const Json&) { return Json(std::string(16 << 20, 'x')); }},
+      {"run_inner_server",
+       [](const Json& args) {
+         aet::ServerOptions inner;
+         inner.listen = args[0].as_string();
+         aet::Server server(inner);
+         server.stop();
+         server.run();
+         return Json("ran");
+       }},
       {"setup_attempts", [](const Json&) { return Json(setup_attempts); }},
       {"checkouts_done", [](const Json&) { return Json(checkouts_done); }},
       {"log",
@@ -828,6 +837,14 @@ TEST_CASE("an idle worker exits on SIGTERM even after its handler blocked SIGTER
   CHECK(wire.result(args({"block_sigterm"})) == "blocked");
   ::kill(pid, SIGTERM);
   CHECK(wire.closes_within(2));
+}
+
+TEST_CASE("a worker can run a server of its own") {
+  TempDir dir;
+  auto server = aet::fork_task_server(options_for(dir.unix_address()));
+  Wire wire(server.address());
+  CHECK(wire.result(args({"run_inner_server", dir.unix_address("inner.sock")})) == "ran");
+  CHECK(wire.result(args({"echo", 1})) == Json::array({1}));
 }
 
 TEST_CASE("a fork_task_server ends when its handle is dropped") {
