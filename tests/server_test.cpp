@@ -490,14 +490,14 @@ TEST_CASE("a handler that blocks every signal and spins is killed after hung_wor
 TEST_CASE("requests shorter than hung_worker_timeout never trip it, however many") {
   TempDir dir;
   aet::ServerOptions options = options_for(dir.unix_address());
-  options.hung_worker_timeout = 0.2;
+  options.hung_worker_timeout = 0.3;
   auto server = aet::fork_task_server(options);
   Wire wire(server.address());
   Json pid = wire.result(args({"pid"}));
   const double start = monotonic_now();
-  while (monotonic_now() - start < 0.5) CHECK(wire.result(args({"sleep", 0.02})) == "slept");
+  while (monotonic_now() - start < 0.7) CHECK(wire.result(args({"sleep", 0.02})) == "slept");
   // Idle for longer than the timeout: the timer is disarmed between requests.
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));
   CHECK(wire.result(args({"pid"})) == pid);
 }
 
