@@ -735,7 +735,7 @@ TEST_CASE("the socket file is removed when the server goes") {
 
 // ---- stopping ----
 
-TEST_CASE("stop() before run() makes run() return at once, with signal dispositions restored") {
+TEST_CASE("stop() before run() makes run() return at once, with signal dispositions restored; run() runs once") {
   TempDir dir;
   const std::string path = dir.file("s.sock");
   int status = exit_status_of_child([&] {
@@ -752,6 +752,11 @@ TEST_CASE("stop() before run() makes run() return at once, with signal dispositi
     sigaction(SIGCHLD, nullptr, &now);
     if (now.sa_handler != SIG_DFL) return 3;
     if (path_exists(path)) return 4;
+    try {
+      server.run();
+      return 5;
+    } catch (const aet::ServerError&) {
+    }
     return 0;
   });
   CHECK(status == 0);
