@@ -545,6 +545,16 @@ TEST_CASE("a worker holds only descriptors 0, 1, 2 and its connection") {
   CHECK(sockets == 1);
 }
 
+TEST_CASE("with descriptor 0 closed, the server puts /dev/null there, not a socket of its own") {
+  TempDir dir;
+  int status = exit_status_of_child([&] {
+    ::close(0);
+    aet::Server server(options_for(dir.unix_address()));
+    return proc_fd_target("0") == "/dev/null" ? 0 : 1;
+  });
+  CHECK(status == 0);
+}
+
 TEST_CASE("a hundred concurrent connections get a hundred workers, all reaped after") {
   rlimit limit{};
   ::getrlimit(RLIMIT_NOFILE, &limit);
