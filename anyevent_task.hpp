@@ -51,6 +51,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <climits>
 #include <cmath>
 #include <cstddef>
@@ -61,6 +62,7 @@
 #include <exception>
 #include <functional>
 #include <initializer_list>
+#include <limits>
 #include <list>
 #include <map>
 #include <memory>
@@ -68,6 +70,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <type_traits>
 #include <unordered_map>
 #include <utility>
@@ -108,35 +111,48 @@ class SystemError : public Error {
 };
 
 // A handler given to frame() or frame_try(): the exception and the trace,
-// frames innermost first, one "file:line - NAME" per line.
+// frames innermost first, one "file:line - NAME\n" line per frame. An
+// exception not derived from std::exception arrives as
+// aet::Error("unknown exception").
 using Catcher = std::function<void(const std::exception& error, const std::string& trace)>;
 
 namespace detail {
 struct FrameNode;
-}
+struct FrameAccess;
+}  // namespace detail
 
-// A snapshot of the frames in force at one point: what a framed callable
-// restores when it runs.
+// A handle on one frame and, through it, on every frame around it: the
+// error handlers and frame-local bindings a framed callable restores when
+// it runs. Cheap to copy (a shared pointer).
+//
+// Error delivery, as in Perl's Callback::Frame: an exception escaping code
+// run in a frame goes to the innermost catcher on the chain from that frame
+// outwards. The catcher runs in the frame around the one that owns it, so
+// if it throws, its new exception goes to the next catcher out, together
+// with the trace captured at the first throw. With no catcher left, the
+// exception (the last one thrown) propagates to whoever called the framed
+// code, for instance out of Loop::run.
 class FrameContext {
  public:
   FrameContext() = default;  // the empty context: no catcher, no binding
   // Delivers `error` to the innermost catcher of this context, as if a
   // callback created here had thrown it; with no catcher left it rethrows.
   void raise(std::exception_ptr error) const;
-  // Runs `code` with this context in force (catchers apply to its throws).
-  void run(const std::function<void()>& code) const;
+  // Runs `code` with this context in force: its frame-local bindings are
+  // seen and an exception escaping `code` is delivered as by raise().
+  template <class F>
+  void run(F&& code) const;
+  // The trace an error raised here would carry.
+  std::string trace() const;
   explicit operator bool() const noexcept { return node_ != nullptr; }
 
  private:
-  friend FrameContext current_frame();
-  template <class T>
-  friend class FrameLocal;
-  friend struct detail::FrameNode;
+  friend struct detail::FrameAccess;
   explicit FrameContext(std::shared_ptr<detail::FrameNode> node) : node_(std::move(node)) {}
   std::shared_ptr<detail::FrameNode> node_;
 };
 
-// The frames in force right now.
+// The frames in force right now (empty outside any frame).
 FrameContext current_frame();
 
 namespace detail {
@@ -144,15 +160,22 @@ namespace detail {
 FrameContext push_frame(Catcher catcher, std::string name, const char* file, int line);
 }  // namespace detail
 
-// A callable wrapped in a frame. Calling it restores the frame it was made
-// in; an exception escaping `code` goes to that frame's catchers.
+// A callable wrapped in a frame. Calling it (any number of times, long after
+// the scope that made it has ended) runs `code` with that frame in force and
+// the caller's frame restored afterwards, also when `code` throws. Calling
+// does not allocate.
 template <class F>
 class Framed {
  public:
+  using code_type = F;
   Framed(F code, FrameContext context) : code_(std::move(code)), context_(std::move(context)) {}
   template <class... Args>
   void operator()(Args&&... args);
+  template <class... Args>
+  void operator()(Args&&... args) const;
   const FrameContext& context() const noexcept { return context_; }
+  const F& code() const& noexcept { return code_; }
+  F&& code() && noexcept { return std::move(code_); }
 
  private:
   F code_;
@@ -164,30 +187,42 @@ template <class F>
 struct is_framed : std::false_type {};
 template <class F>
 struct is_framed<Framed<F>> : std::true_type {};
+template <class F>
+inline constexpr bool is_framed_v = is_framed<std::decay_t<F>>::value;
 
-// Wraps `code` in a new frame with `catcher` (may be empty) named `name`.
+// Wraps `code` in a new frame, child of the current one, with `catcher`
+// (may be empty) named `name` (empty: ANONYMOUS FRAME). One allocation.
+// A callable that is already framed keeps the frame it was made in: it is
+// returned as it is when `catcher` is empty, and otherwise gets one new
+// frame holding `catcher` inside its own frame (never Framed<Framed<F>>).
 template <class F>
 auto frame(F code, Catcher catcher = {}, std::string name = {},
            const char* file = __builtin_FILE(), int line = __builtin_LINE());
 
-// Wraps `code` so that it runs with the frames in force here ("frame
-// unless framed": a framed callable is returned as it is).
+// "Frame unless framed": wraps `code` in a new anonymous frame, child of the
+// current one, without a catcher, so that it runs with the error handlers
+// and bindings in force here. A framed callable is returned as it is.
 template <class F>
 auto fub(F code, const char* file = __builtin_FILE(), int line = __builtin_LINE());
 
-// Runs `code` at once inside a new frame with `catcher`.
+// Runs `code` at once inside a new frame with `catcher`. When the catcher
+// handles an error, frame_try returns normally.
 void frame_try(const std::function<void()>& code, Catcher catcher, std::string name = {},
                const char* file = __builtin_FILE(), int line = __builtin_LINE());
 
-// A frame-local variable of type T. bind(value, code) runs `code` in a new
-// frame where get() sees `value`; callbacks created inside see it too,
-// whenever they run, and nothing outside does.
+// A frame-local variable of type T, keyed by its address (so make it live
+// as long as the callbacks that read it, typically a static). bind(value,
+// code) runs `code` at once in a new frame where get() sees `value`;
+// callbacks created inside see it too, whenever they run, and nothing
+// outside does. Errors escaping `code` are delivered as from any frame.
 template <class T>
 class FrameLocal {
  public:
   template <class F>
   void bind(T value, F&& code, const char* file = __builtin_FILE(), int line = __builtin_LINE());
-  const T* get() const;  // nullptr where unbound
+  // The nearest binding in the frames in force, nullptr where unbound.
+  // Valid while the current frame is (for the rest of the running callback).
+  const T* get() const;
   T value_or(T fallback) const {
     const T* v = get();
     return v ? *v : fallback;
@@ -195,8 +230,9 @@ class FrameLocal {
 };
 
 template <class T, class F>
-void frame_local(FrameLocal<T>& variable, T value, F&& code) {
-  variable.bind(std::move(value), std::forward<F>(code));
+void frame_local(FrameLocal<T>& variable, T value, F&& code, const char* file = __builtin_FILE(),
+                 int line = __builtin_LINE()) {
+  variable.bind(std::move(value), std::forward<F>(code), file, line);
 }
 
 // ===========================================================================
@@ -329,14 +365,21 @@ const char* to_string(Json::Type type) noexcept;  // "null", "boolean", "number"
 
 namespace detail {
 struct LogDeferState;
-}
+struct LogDeferAccess;
+}  // namespace detail
 
+// Copies share one log. Times are seconds relative to "start" (the epoch
+// time at construction), rounded to microseconds; they are measured on the
+// monotonic clock. A handle that was moved from behaves as the log to
+// nowhere (see logger()).
 class LogDefer {
  public:
   enum Level : int { error_level = 10, warn_level = 20, info_level = 30, debug_level = 40 };
   using Callback = std::function<void(const Json& message)>;
 
-  // The message reaches `on_done` when the last copy of this handle goes.
+  // The message reaches `on_done` (may be empty) once, when the last copy
+  // of this handle goes. An exception thrown by `on_done` is reported on
+  // stderr, never thrown from a destructor.
   explicit LogDefer(Callback on_done);
   LogDefer(const LogDefer&) = default;
   LogDefer(LogDefer&&) noexcept = default;
@@ -345,7 +388,8 @@ class LogDefer {
   ~LogDefer() = default;
 
   // One entry [t, level, items...]; each item becomes Json. A single
-  // callable item is called only when the level passes verbosity (lazy).
+  // callable item is lazy: it is called only when the level passes
+  // verbosity, and what it returns is the item.
   template <class... Items>
   void error(Items&&... items) { log(error_level, std::forward<Items>(items)...); }
   template <class... Items>
@@ -357,11 +401,14 @@ class LogDefer {
   void add_log(int level, Json::Array items);
 
   // Entries above this level are dropped (default: debug, everything kept).
+  // The log to nowhere reports a verbosity below every level.
   void verbosity(int level);
-  int verbosity() const;
-  bool enabled(int level) const { return level <= verbosity(); }
+  int verbosity() const noexcept;
+  bool enabled(int level) const noexcept { return level <= verbosity(); }
 
-  // A timer [name, t0, t1] that ends when the guard goes.
+  // A timer [name, t0, t1] that ends when the guard goes or on finish().
+  // It does not keep the log alive: a timer still running when the
+  // message is delivered ends at the delivery time.
   class Timer {
    public:
     Timer(Timer&&) noexcept;
@@ -373,29 +420,37 @@ class LogDefer {
 
    private:
     friend class LogDefer;
-    Timer(std::shared_ptr<detail::LogDeferState> state, std::size_t index);
-    std::shared_ptr<detail::LogDeferState> state_;
+    Timer() = default;  // a timer of the log to nowhere
+    Timer(std::weak_ptr<detail::LogDeferState> state, std::size_t index);
+    std::weak_ptr<detail::LogDeferState> state_;
     std::size_t index_ = 0;
   };
   Timer timer(std::string name);
 
-  Json& data();  // free-form "data" object
+  // The free-form "data" object (left out of the message while empty).
+  Json& data();
 
   // Adds another LogDefer message: its logs and timers are moved onto this
-  // message's time axis, logs kept in time order; its data merged in. If
-  // the message carries "pid", each of its entries gets {"pid": N} appended.
+  // message's time axis (other start - this start + t), logs kept in time
+  // order; its data keys are added (replacing ours of the same name). If
+  // the message carries "pid", each of its log entries gets {"pid": N}
+  // appended. Throws JsonError for a malformed message, adding nothing.
   void merge(const Json& message);
 
-  Json message() const;  // the message as it would be delivered now
+  // The message as it would be delivered now; null for the log to nowhere.
+  Json message() const;
 
  private:
+  friend struct detail::LogDeferAccess;
+  LogDefer() = default;  // the log to nowhere
   template <class... Items>
   void log(int level, Items&&... items);
   std::shared_ptr<detail::LogDeferState> state_;
 };
 
 // Inside a worker: the LogDefer of the request being served; its message
-// rides back in the reply. Outside a request, a log that goes nowhere.
+// rides back in the reply. Outside a request, a log that goes nowhere: every
+// call is valid, cheap and allocation-free, and nothing is kept.
 LogDefer& logger();
 
 namespace detail {
@@ -811,9 +866,537 @@ class Client {
 
 // ---- implementation: errors & frames --------------------------------------
 
+namespace aet {
+
+inline SystemError::SystemError(const std::string& what, int code)
+    : Error(what + ": " + std::system_category().message(code)), code_(code) {}
+
+namespace detail {
+
+// One frame. Frames form a tree through parent pointers: a callback made
+// inside a frame holds a child of it, so sibling callbacks are independent
+// branches that share their ancestors.
+struct FrameNode : std::enable_shared_from_this<FrameNode> {
+  std::shared_ptr<FrameNode> parent;
+  Catcher catcher;
+  std::string name;
+  const char* file = "";
+  int line = 0;
+  // A FrameLocal binding held by this frame (see BoundFrameNode), if any.
+  const void* local_key = nullptr;
+  const void* local_type = nullptr;
+  // For a plain frame (no catcher, no binding): how many plain frames in a
+  // row end here, and the nearest frame above them that is not plain.
+  unsigned plain_run = 0;
+  FrameNode* anchor = nullptr;
+
+  bool plain() const noexcept { return !catcher && local_key == nullptr; }
+};
+
+template <class T>
+struct BoundFrameNode : FrameNode {
+  explicit BoundFrameNode(T v) : value(std::move(v)) {}
+  T value;
+};
+
+// Distinct address per T, so a binding is only read back as its own type.
+template <class T>
+struct FrameLocalTypeTag {
+  static constexpr char tag = 0;
+};
+
+// Callbacks that schedule callbacks forever would otherwise grow an endless
+// chain of anonymous frames; past this many plain frames in a row the new
+// frame hangs from the nearest frame that holds a catcher or a binding (the
+// trace then shows the newest frames of the run).
+constexpr unsigned max_plain_frame_run = 64;
+
+inline FrameNode*& current_node() noexcept {
+  static thread_local FrameNode* node = nullptr;
+  return node;
+}
+
+// Makes `node` the current frame until the scope ends (also by a throw).
+class CurrentFrameScope {
+ public:
+  explicit CurrentFrameScope(FrameNode* node) noexcept : saved_(current_node()) {
+    current_node() = node;
+  }
+  ~CurrentFrameScope() { current_node() = saved_; }
+  CurrentFrameScope(const CurrentFrameScope&) = delete;
+  CurrentFrameScope& operator=(const CurrentFrameScope&) = delete;
+
+ private:
+  FrameNode* saved_;
+};
+
+inline std::shared_ptr<FrameNode> shared_node(FrameNode* node) {
+  return node ? node->shared_from_this() : nullptr;
+}
+
+// Links a freshly made node below `parent`.
+inline void attach_frame(FrameNode& node, FrameNode* parent, Catcher catcher, std::string name,
+                         const char* file, int line) {
+  node.catcher = std::move(catcher);
+  node.name = std::move(name);
+  node.file = file ? file : "";
+  node.line = line;
+  if (node.plain()) {
+    if (parent && parent->plain()) {
+      if (parent->plain_run >= max_plain_frame_run) {
+        node.anchor = parent->anchor;
+        node.plain_run = 1;
+        node.parent = shared_node(parent->anchor);
+        return;
+      }
+      node.anchor = parent->anchor;
+      node.plain_run = parent->plain_run + 1;
+    } else {
+      node.anchor = parent;
+      node.plain_run = 1;
+    }
+  }
+  node.parent = shared_node(parent);
+}
+
+inline std::shared_ptr<FrameNode> new_frame(FrameNode* parent, Catcher catcher, std::string name,
+                                            const char* file, int line) {
+  auto node = std::make_shared<FrameNode>();
+  attach_frame(*node, parent, std::move(catcher), std::move(name), file, line);
+  return node;
+}
+
+inline std::string frame_trace(const FrameNode* node) {
+  std::string trace;
+  for (; node; node = node->parent.get()) {
+    trace += node->file;
+    trace += ':';
+    trace += std::to_string(node->line);
+    trace += " - ";
+    trace += node->name.empty() ? "ANONYMOUS FRAME" : node->name;
+    trace += '\n';
+  }
+  return trace;
+}
+
+// The trace of an error that escaped every catcher of its frames, so that
+// a catcher of unrelated frames further up the call stack still gets the
+// trace of the first throw.
+struct EscapedError {
+  std::exception_ptr error;
+  std::string trace;
+};
+
+inline EscapedError& escaped_error() {
+  static thread_local EscapedError escaped;
+  return escaped;
+}
+
+inline void call_catcher(const Catcher& catcher, const std::exception_ptr& error,
+                         const std::string& trace) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& e) {
+    catcher(e, trace);
+  } catch (...) {
+    catcher(Error("unknown exception"), trace);
+  }
+}
+
+// Hands `error`, thrown in frame `from`, to the innermost catcher from
+// there outwards; each catcher runs in the frame around its own, and what
+// it throws goes on outwards with the first trace. Rethrows the last error
+// when no catcher is left. The caller keeps `from` alive.
+inline void deliver_error(FrameNode* from, std::exception_ptr error) {
+  std::string trace;
+  EscapedError& escaped = escaped_error();
+  if (escaped.error && escaped.error == error) {
+    trace = std::move(escaped.trace);
+    escaped = EscapedError{};
+  } else {
+    trace = frame_trace(from);
+  }
+  for (FrameNode* node = from; node; node = node->parent.get()) {
+    if (!node->catcher) continue;
+    CurrentFrameScope scope(node->parent.get());
+    try {
+      call_catcher(node->catcher, error, trace);
+      return;
+    } catch (...) {
+      error = std::current_exception();
+    }
+  }
+  escaped.error = error;
+  escaped.trace = std::move(trace);
+  std::rethrow_exception(error);
+}
+
+template <class F>
+void run_in_frame(std::shared_ptr<FrameNode> node, F&& code) {
+  // `node` is held here: the code may drop the callable that owns it.
+  CurrentFrameScope scope(node.get());
+  std::exception_ptr error;
+  try {
+    std::forward<F>(code)();
+    return;
+  } catch (...) {
+    error = std::current_exception();  // delivered outside the handler
+  }
+  deliver_error(node.get(), std::move(error));
+}
+
+struct FrameAccess {
+  static const std::shared_ptr<FrameNode>& node(const FrameContext& c) noexcept { return c.node_; }
+  static FrameContext make(std::shared_ptr<FrameNode> node) { return FrameContext(std::move(node)); }
+};
+
+inline FrameContext push_frame(Catcher catcher, std::string name, const char* file, int line) {
+  return FrameAccess::make(new_frame(current_node(), std::move(catcher), std::move(name), file, line));
+}
+
+}  // namespace detail
+
+inline FrameContext current_frame() {
+  return detail::FrameAccess::make(detail::shared_node(detail::current_node()));
+}
+
+inline void FrameContext::raise(std::exception_ptr error) const {
+  std::shared_ptr<detail::FrameNode> pinned = node_;  // a catcher may drop this context
+  detail::deliver_error(pinned.get(), std::move(error));
+}
+
+template <class F>
+void FrameContext::run(F&& code) const {
+  detail::run_in_frame(node_, std::forward<F>(code));
+}
+
+inline std::string FrameContext::trace() const { return detail::frame_trace(node_.get()); }
+
+template <class F>
+template <class... Args>
+void Framed<F>::operator()(Args&&... args) {
+  context_.run([&] { code_(std::forward<Args>(args)...); });
+}
+
+template <class F>
+template <class... Args>
+void Framed<F>::operator()(Args&&... args) const {
+  context_.run([&] { code_(std::forward<Args>(args)...); });
+}
+
+template <class F>
+auto frame(F code, Catcher catcher, std::string name, const char* file, int line) {
+  if constexpr (is_framed<F>::value) {
+    if (!catcher) return code;
+    const auto& inner = detail::FrameAccess::node(code.context());
+    auto node = detail::new_frame(inner.get(), std::move(catcher), std::move(name), file, line);
+    return F(std::move(code).code(), detail::FrameAccess::make(std::move(node)));
+  } else {
+    return Framed<F>(std::move(code),
+                     detail::push_frame(std::move(catcher), std::move(name), file, line));
+  }
+}
+
+template <class F>
+auto fub(F code, const char* file, int line) {
+  if constexpr (is_framed<F>::value) {
+    return code;
+  } else {
+    return Framed<F>(std::move(code), detail::push_frame({}, {}, file, line));
+  }
+}
+
+inline void frame_try(const std::function<void()>& code, Catcher catcher, std::string name,
+                      const char* file, int line) {
+  detail::push_frame(std::move(catcher), std::move(name), file, line).run(code);
+}
+
+template <class T>
+template <class F>
+void FrameLocal<T>::bind(T value, F&& code, const char* file, int line) {
+  auto node = std::make_shared<detail::BoundFrameNode<T>>(std::move(value));
+  node->local_key = this;
+  node->local_type = &detail::FrameLocalTypeTag<T>::tag;
+  detail::attach_frame(*node, detail::current_node(), {}, {}, file, line);
+  detail::run_in_frame(std::move(node), std::forward<F>(code));
+}
+
+template <class T>
+const T* FrameLocal<T>::get() const {
+  for (const detail::FrameNode* node = detail::current_node(); node; node = node->parent.get()) {
+    if (node->local_key == this && node->local_type == &detail::FrameLocalTypeTag<T>::tag) {
+      return &static_cast<const detail::BoundFrameNode<T>*>(node)->value;
+    }
+  }
+  return nullptr;
+}
+
+}  // namespace aet
+
+
 // ---- implementation: json --------------------------------------------------
 
 // ---- implementation: log_defer ---------------------------------------------
+
+namespace aet {
+namespace detail {
+
+inline double round_to_microseconds(double seconds) { return std::round(seconds * 1e6) / 1e6; }
+
+inline double epoch_seconds() {
+  using namespace std::chrono;
+  return duration<double>(system_clock::now().time_since_epoch()).count();
+}
+
+inline double monotonic_seconds() {
+  using namespace std::chrono;
+  return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+
+struct LogDeferTimer {
+  Json name;
+  double start;
+  double end;
+  bool running;
+};
+
+struct LogDeferState {
+  explicit LogDeferState(LogDefer::Callback callback)
+      : on_done(std::move(callback)),
+        start_epoch(round_to_microseconds(epoch_seconds())),
+        start_monotonic(monotonic_seconds()) {}
+  LogDeferState(const LogDeferState&) = delete;
+  LogDeferState& operator=(const LogDeferState&) = delete;
+
+  // Delivers the message: the last handle is gone.
+  ~LogDeferState() {
+    if (!on_done) return;
+    try {
+      on_done(build(elapsed()));
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "aet::LogDefer: the message callback threw: %s\n", e.what());
+    } catch (...) {
+      std::fprintf(stderr, "aet::LogDefer: the message callback threw an unknown exception\n");
+    }
+  }
+
+  double elapsed() const { return round_to_microseconds(monotonic_seconds() - start_monotonic); }
+
+  Json build(double end) const {
+    Json message = Json::object({{"start", start_epoch}, {"end", end}});
+    if (!logs.empty()) message["logs"] = Json(logs);
+    if (!timers.empty()) {
+      Json::Array list;
+      list.reserve(timers.size());
+      for (const LogDeferTimer& t : timers) list.push_back(Json{t.name, t.start, t.running ? end : t.end});
+      message["timers"] = Json(std::move(list));
+    }
+    if (!data.is_null() && !(data.is_object() && data.empty())) message["data"] = data;
+    return message;
+  }
+
+  bool empty() const {
+    return logs.empty() && timers.empty() && (data.is_null() || (data.is_object() && data.empty()));
+  }
+
+  LogDefer::Callback on_done;
+  int verbosity = LogDefer::debug_level;
+  double start_epoch;
+  double start_monotonic;
+  Json::Array logs;  // [t, level, items...] in time order
+  std::vector<LogDeferTimer> timers;
+  Json data;
+};
+
+struct LogDeferAccess {
+  static LogDefer nowhere() { return LogDefer(); }
+  static const LogDeferState* state(const LogDefer& log) noexcept { return log.state_.get(); }
+};
+
+template <class... Items>
+struct is_lazy_log_item : std::false_type {};
+template <class Item>
+struct is_lazy_log_item<Item> : std::is_invocable<Item&> {};
+
+template <class F>
+Json make_lazy_log_item(F& make) {
+  static_assert(!std::is_void_v<std::invoke_result_t<F&>>, "a lazy log item must return the item");
+  return Json(make());
+}
+
+// The log behind logger(): per request in a worker, else nowhere.
+struct RequestLogs {
+  LogDefer nowhere = LogDeferAccess::nowhere();
+  std::optional<LogDefer> request;
+  LogDefer* active = &nowhere;
+};
+
+inline RequestLogs& request_logs() {
+  static thread_local RequestLogs logs;
+  return logs;
+}
+
+}  // namespace detail
+
+inline LogDefer::LogDefer(Callback on_done)
+    : state_(std::make_shared<detail::LogDeferState>(std::move(on_done))) {}
+
+template <class... Items>
+void LogDefer::log(int level, Items&&... items) {
+  if (!state_ || level > state_->verbosity) return;  // filtered out: nothing is built
+  Json::Array entry;
+  entry.reserve(sizeof...(Items));
+  if constexpr (detail::is_lazy_log_item<Items...>::value) {
+    (entry.push_back(detail::make_lazy_log_item(items)), ...);
+  } else {
+    (entry.emplace_back(std::forward<Items>(items)), ...);
+  }
+  add_log(level, std::move(entry));
+}
+
+inline void LogDefer::add_log(int level, Json::Array items) {
+  if (!state_ || level > state_->verbosity) return;
+  Json::Array entry;
+  entry.reserve(items.size() + 2);
+  entry.emplace_back(state_->elapsed());
+  entry.emplace_back(level);
+  for (Json& item : items) entry.push_back(std::move(item));
+  state_->logs.emplace_back(std::move(entry));
+}
+
+inline void LogDefer::verbosity(int level) {
+  if (state_) state_->verbosity = level;
+}
+
+inline int LogDefer::verbosity() const noexcept {
+  return state_ ? state_->verbosity : std::numeric_limits<int>::min();
+}
+
+inline LogDefer::Timer::Timer(std::weak_ptr<detail::LogDeferState> state, std::size_t index)
+    : state_(std::move(state)), index_(index) {}
+
+inline LogDefer::Timer::Timer(Timer&& other) noexcept
+    : state_(std::move(other.state_)), index_(other.index_) {
+  other.state_.reset();
+}
+
+inline LogDefer::Timer& LogDefer::Timer::operator=(Timer&& other) noexcept {
+  if (this != &other) {
+    finish();
+    state_ = std::move(other.state_);
+    index_ = other.index_;
+    other.state_.reset();
+  }
+  return *this;
+}
+
+inline LogDefer::Timer::~Timer() { finish(); }
+
+inline void LogDefer::Timer::finish() {
+  if (auto state = state_.lock()) {
+    detail::LogDeferTimer& t = state->timers[index_];
+    if (t.running) {
+      t.end = state->elapsed();
+      t.running = false;
+    }
+  }
+  state_.reset();
+}
+
+inline LogDefer::Timer LogDefer::timer(std::string name) {
+  if (!state_) return Timer();
+  state_->timers.push_back({Json(std::move(name)), state_->elapsed(), 0, true});
+  return Timer(state_, state_->timers.size() - 1);
+}
+
+inline Json& LogDefer::data() {
+  if (!state_) {
+    // Nowhere: a scratch object, emptied on every call, so nothing builds up.
+    static thread_local Json scratch;
+    if (scratch.is_object()) {
+      scratch.as_object().clear();
+    } else {
+      scratch = Json::object();
+    }
+    return scratch;
+  }
+  if (state_->data.is_null()) state_->data = Json::object();
+  return state_->data;
+}
+
+inline void LogDefer::merge(const Json& message) {
+  if (!state_) return;
+  detail::LogDeferState& self = *state_;
+  if (!message.is_object()) throw JsonError("LogDefer::merge: expected an object message");
+  const Json* start = message.find("start");
+  const double shift = start ? start->as_double() - self.start_epoch : 0.0;
+  const Json* pid = message.find("pid");
+
+  // Everything is converted first, so a malformed message adds nothing.
+  Json::Array logs;
+  if (const Json* other = message.find("logs")) {
+    for (const Json& entry : other->as_array()) {
+      const Json::Array& fields = entry.as_array();
+      if (fields.size() < 2) throw JsonError("LogDefer::merge: a log entry needs a time and a level");
+      Json::Array shifted = fields;
+      shifted[0] = detail::round_to_microseconds(fields[0].as_double() + shift);
+      if (pid) shifted.push_back(Json::object({{"pid", *pid}}));
+      logs.emplace_back(std::move(shifted));
+    }
+  }
+  std::vector<detail::LogDeferTimer> timers;
+  if (const Json* other = message.find("timers")) {
+    for (const Json& entry : other->as_array()) {
+      const Json::Array& fields = entry.as_array();
+      if (fields.size() != 3) throw JsonError("LogDefer::merge: a timer is [name, start, end]");
+      timers.push_back({fields[0], detail::round_to_microseconds(fields[1].as_double() + shift),
+                        detail::round_to_microseconds(fields[2].as_double() + shift), false});
+    }
+  }
+  const Json* data = message.find("data");
+  if (data && !data->is_null() && !data->is_object()) {
+    throw JsonError("LogDefer::merge: \"data\" must be an object");
+  }
+
+  for (Json& entry : logs) self.logs.push_back(std::move(entry));
+  std::stable_sort(self.logs.begin(), self.logs.end(), [](const Json& a, const Json& b) {
+    return a[0].as_double() < b[0].as_double();
+  });
+  for (detail::LogDeferTimer& t : timers) self.timers.push_back(std::move(t));
+  if (data && data->is_object() && !data->empty()) {
+    Json& mine = this->data();
+    for (const auto& member : data->as_object()) mine[member.first] = member.second;
+  }
+}
+
+inline Json LogDefer::message() const { return state_ ? state_->build(state_->elapsed()) : Json(); }
+
+inline LogDefer& logger() { return *detail::request_logs().active; }
+
+namespace detail {
+
+inline void begin_request_log() {
+  RequestLogs& logs = request_logs();
+  logs.request.emplace(LogDefer::Callback{});
+  logs.active = &*logs.request;
+}
+
+inline Json end_request_log() {
+  RequestLogs& logs = request_logs();
+  logs.active = &logs.nowhere;
+  if (!logs.request) return Json();
+  std::optional<LogDefer> finished = std::move(logs.request);
+  logs.request.reset();
+  const LogDeferState* state = LogDeferAccess::state(*finished);
+  if (!state || state->empty()) return Json();
+  Json message = finished->message();
+  message["pid"] = static_cast<std::int64_t>(::getpid());
+  return message;
+}
+
+}  // namespace detail
+}  // namespace aet
+
 
 // ---- implementation: loop --------------------------------------------------
 
