@@ -3064,12 +3064,27 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       }
       ClientWorker* worker = idle.back();
       idle.pop_back();
+      if (!still_open(*worker)) {
+        drop_worker(*worker);  // died before the loop noticed; open_workers() replaces it
+        continue;
+      }
       it = pending.erase(it);
       core->queued = false;
       core->worker = worker;
       worker->checkout = core;
       send_next(*core);
     }
+  }
+
+  // An idle worker may have died since the loop last looked (a server
+  // restart, say): one peek, so that the checkout goes to a live one.
+  static bool still_open(const ClientWorker& worker) {
+    char byte;
+    ssize_t n;
+    do {
+      n = ::recv(worker.fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);  // EOF, stray bytes or error: no
   }
 
   // Connects workers up to min_workers, and one per checkout with a call
