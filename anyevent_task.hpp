@@ -3530,6 +3530,9 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       if (reuse) {
         std::string frame = done_frame;
         send(*worker, frame);
+        reuse = !worker->broken;
+      }
+      if (reuse) {
         idle.push_back(worker);
       } else {
         drop_worker(*worker);
