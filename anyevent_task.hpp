@@ -62,6 +62,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <climits>
 #include <cmath>
@@ -261,18 +262,44 @@ class JsonError : public Error {
   using Error::Error;
 };
 
-// Text that is not JSON; where() is a byte offset, line and column from 1.
+// Text that is not JSON. what() reads "JSON parse error at line L, column C
+// (byte B): REASON"; offset() is the byte offset from 0, line() and column()
+// count from 1 (the column in characters, not bytes).
 class JsonParseError : public JsonError {
  public:
-  JsonParseError(const std::string& what, std::size_t offset, std::size_t line, std::size_t column);
+  JsonParseError(const std::string& reason, std::size_t offset, std::size_t line,
+                 std::size_t column);
+  const std::string& reason() const noexcept { return reason_; }
   std::size_t offset() const noexcept { return offset_; }
   std::size_t line() const noexcept { return line_; }
   std::size_t column() const noexcept { return column_; }
 
  private:
+  std::string reason_;
   std::size_t offset_, line_, column_;
 };
 
+namespace detail {
+class JsonParser;
+class JsonWriter;
+}  // namespace detail
+
+// A JSON value: null, boolean, 64-bit integer, double, UTF-8 string, array
+// or object; 16 bytes (a tag and a pointer or scalar).
+//
+// Policies:
+// - Numbers: an integer literal that fits int64 parses as Int, anything else
+//   (fraction, exponent, or too big) as Double. Int and Double compare by
+//   value: Json(1) == Json(1.0). A literal too large for a double (1e400) is
+//   a parse error, since a JSON value must be finite; one too small (1e-400)
+//   rounds to 0 as IEEE arithmetic would.
+// - Doubles print as the shortest text that reads back to the same bits, and
+//   always as a double: 1.0 prints "1.0", -0.0 prints "-0.0" (the sign is
+//   kept), so parse(dump(x)) == x with the same types.
+// - Objects keep insertion order and compare regardless of order. Keys are
+//   unique: parse() and object() reject a duplicate key.
+// - Copies, comparison, dump() and destruction recurse: values built by
+//   parse() are bounded by max_depth, values built by hand are up to you.
 class Json {
  public:
   enum class Type : std::uint8_t { Null, Bool, Int, Double, String, Array, Object };
@@ -281,77 +308,88 @@ class Json {
   using Object = std::vector<std::pair<std::string, Json>>;
 
   struct ParseOptions {
-    std::size_t max_depth = AET_DEFAULT_MAX_DEPTH;
+    std::size_t max_depth = AET_DEFAULT_MAX_DEPTH;  // nested arrays/objects allowed
   };
 
-  Json() noexcept;  // null
-  Json(std::nullptr_t) noexcept;
-  Json(bool value) noexcept;
+  Json() noexcept {}  // null
+  Json(std::nullptr_t) noexcept {}
+  Json(bool value) noexcept : type_(Type::Bool) { value_.boolean = value; }
   template <class T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool>, int> = 0>
-  Json(T value);  // unsigned values above INT64_MAX become doubles
-  Json(double value) noexcept;
-  Json(const char* value);
+  Json(T value) noexcept;  // unsigned values above INT64_MAX become doubles
+  Json(double value) noexcept : type_(Type::Double) { value_.number = value; }
+  Json(const char* value);  // throws JsonError for a null pointer
   Json(std::string value);
   Json(std::string_view value);
   Json(Array value);
-  Json(Object value);
-  // Always an array, whatever the elements: Json{a, b} is [a, b]. Copy a
-  // value with Json(v) or `= v`, never with braces.
+  Json(Object value);  // throws JsonError for a duplicate key
+  // Always an array, whatever the elements: Json{a, b} is [a, b], and
+  // Json{Json::object()} is [{}]. Copy a value with Json(v) or `= v`, never
+  // with braces. Json{} is null (the default constructor).
   Json(std::initializer_list<Json> elements);
   static Json array(std::initializer_list<Json> elements = {});
+  // Always an object; throws JsonError for a duplicate key.
   static Json object(std::initializer_list<std::pair<std::string, Json>> members = {});
 
-  Json(const Json&);
-  Json(Json&&) noexcept;
-  Json& operator=(const Json&);
-  Json& operator=(Json&&) noexcept;
-  ~Json();
+  Json(const Json& other);
+  Json(Json&& other) noexcept : type_(other.type_), value_(other.value_) {
+    other.type_ = Type::Null;
+  }
+  Json& operator=(const Json& other);
+  Json& operator=(Json&& other) noexcept;
+  ~Json() { destroy(); }
 
-  Type type() const noexcept;
-  bool is_null() const noexcept;
-  bool is_bool() const noexcept;
-  bool is_int() const noexcept;
-  bool is_double() const noexcept;
-  bool is_number() const noexcept;  // int or double
-  bool is_string() const noexcept;
-  bool is_array() const noexcept;
-  bool is_object() const noexcept;
+  Type type() const noexcept { return type_; }
+  bool is_null() const noexcept { return type_ == Type::Null; }
+  bool is_bool() const noexcept { return type_ == Type::Bool; }
+  bool is_int() const noexcept { return type_ == Type::Int; }
+  bool is_double() const noexcept { return type_ == Type::Double; }
+  bool is_number() const noexcept { return type_ == Type::Int || type_ == Type::Double; }
+  bool is_string() const noexcept { return type_ == Type::String; }
+  bool is_array() const noexcept { return type_ == Type::Array; }
+  bool is_object() const noexcept { return type_ == Type::Object; }
 
   // Typed access; a wrong type throws JsonError("expected string, got number").
   bool as_bool() const;
   std::int64_t as_int() const;  // a double with an integral value in range is accepted
   double as_double() const;     // an int converts
   const std::string& as_string() const;
+  std::string& as_string();
   const Array& as_array() const;
   Array& as_array();
   const Object& as_object() const;
   Object& as_object();
 
-  // Arrays and objects. size() is 0 for scalars.
+  // Arrays and objects. size() is 0 for scalars (and empty() true).
   std::size_t size() const noexcept;
-  bool empty() const noexcept;
+  bool empty() const noexcept { return size() == 0; }
   const Json& operator[](std::size_t index) const;  // throws JsonError out of range
   Json& operator[](std::size_t index);
   const Json& operator[](std::string_view key) const;  // throws JsonError when missing
   Json& operator[](std::string_view key);              // inserts null; null becomes {}
-  const Json* find(std::string_view key) const;        // nullptr when missing
+  const Json* find(std::string_view key) const;        // nullptr when missing or not an object
   Json* find(std::string_view key);
-  bool contains(std::string_view key) const;
+  bool contains(std::string_view key) const { return find(key) != nullptr; }
   void push_back(Json value);  // null becomes []
 
-  friend bool operator==(const Json& a, const Json& b);
-  friend bool operator!=(const Json& a, const Json& b) { return !(a == b); }
+  friend bool operator==(const Json& a, const Json& b) noexcept;
+  friend bool operator!=(const Json& a, const Json& b) noexcept { return !(a == b); }
 
   // Compact when indent < 0, else pretty with `indent` spaces. Throws
-  // JsonError for NaN, infinities and strings that are not UTF-8.
+  // JsonError for NaN, infinities and strings that are not UTF-8; dump_to()
+  // then leaves `out` as it was.
   std::string dump(int indent = -1) const;
   void dump_to(std::string& out, int indent = -1) const;
 
+  // Strict RFC 8259: one value, optionally surrounded by whitespace. Throws
+  // JsonParseError (see the policies above).
   static Json parse(std::string_view text, const ParseOptions& options);
-  static Json parse(std::string_view text);
+  static Json parse(std::string_view text) { return parse(text, ParseOptions{}); }
 
  private:
-  // Implementation-defined storage; see the JSON implementation section.
+  friend class detail::JsonParser;
+  friend class detail::JsonWriter;
+  // The tag, and the payload it selects; strings, arrays and objects are
+  // owned through the pointer.
   Type type_ = Type::Null;
   union Storage {
     bool boolean;
@@ -362,9 +400,11 @@ class Json {
     Object* object;
   } value_{};
   void destroy() noexcept;
+  [[noreturn]] void type_error(const char* expected) const;
 };
 
-const char* to_string(Json::Type type) noexcept;  // "null", "boolean", "number", ...
+// "null", "boolean", "number" (Int and Double alike), "string", "array", "object".
+const char* to_string(Json::Type type) noexcept;
 
 // ===========================================================================
 // LogDefer
@@ -1182,6 +1222,974 @@ const T* FrameLocal<T>::get() const {
 
 
 // ---- implementation: json --------------------------------------------------
+
+namespace aet {
+
+inline JsonParseError::JsonParseError(const std::string& reason, std::size_t offset,
+                                      std::size_t line, std::size_t column)
+    : JsonError("JSON parse error at line " + std::to_string(line) + ", column " +
+                std::to_string(column) + " (byte " + std::to_string(offset) + "): " + reason),
+      reason_(reason),
+      offset_(offset),
+      line_(line),
+      column_(column) {}
+
+inline const char* to_string(Json::Type type) noexcept {
+  switch (type) {
+    case Json::Type::Null: return "null";
+    case Json::Type::Bool: return "boolean";
+    case Json::Type::Int:
+    case Json::Type::Double: return "number";
+    case Json::Type::String: return "string";
+    case Json::Type::Array: return "array";
+    case Json::Type::Object: return "object";
+  }
+  return "unknown";
+}
+
+namespace detail {
+
+// Classes of bytes inside a JSON string: what the parser and the printer
+// must stop at. Everything else is copied in bulk.
+enum JsonByteClass : unsigned char { json_plain, json_quote, json_backslash, json_control, json_high };
+
+struct JsonByteClasses {
+  unsigned char of[256];
+  constexpr JsonByteClasses() : of{} {
+    for (int i = 0; i < 256; ++i)
+      of[i] = i < 0x20 ? json_control
+              : i == '"' ? json_quote
+              : i == '\\' ? json_backslash
+              : i >= 0x80 ? json_high
+                          : json_plain;
+  }
+};
+inline constexpr JsonByteClasses json_byte_classes{};
+
+// True when one of the 8 bytes at p is '"', '\\', below 0x20 or above 0x7F.
+// Borrows only start at such a byte, so the answer for the word is exact.
+inline bool json_word_needs_attention(const char* p) noexcept {
+  std::uint64_t v;
+  std::memcpy(&v, p, sizeof v);
+  constexpr std::uint64_t ones = 0x0101010101010101ull;
+  const std::uint64_t t = ((v ^ (ones * 0x22)) - ones) | ((v ^ (ones * 0x5C)) - ones) |
+                          (v - ones * 0x20) | v;
+  return (t & (ones * 0x80)) != 0;
+}
+
+// The first byte at or after p that is not plain printable ASCII.
+inline const char* json_skip_plain(const char* p, const char* end) noexcept {
+  while (end - p >= 8 && !json_word_needs_attention(p)) p += 8;
+  while (p < end && json_byte_classes.of[static_cast<unsigned char>(*p)] == json_plain) ++p;
+  return p;
+}
+
+// Length of the well-formed UTF-8 sequence at p (whose first byte is above
+// 0x7F), or 0 with *why set (RFC 3629: no overlongs, no surrogates, nothing
+// above U+10FFFF, no truncation).
+inline std::size_t utf8_sequence_length(const char* p, const char* end, const char** why) noexcept {
+  const auto* u = reinterpret_cast<const unsigned char*>(p);
+  const std::size_t available = static_cast<std::size_t>(end - p);
+  const unsigned lead = u[0];
+  std::size_t length;
+  unsigned low = 0x80, high = 0xBF;  // range of the second byte
+  if (lead < 0xC0) {
+    *why = "invalid UTF-8: unexpected continuation byte";
+    return 0;
+  } else if (lead < 0xC2) {
+    *why = "invalid UTF-8: overlong encoding";
+    return 0;
+  } else if (lead < 0xE0) {
+    length = 2;
+  } else if (lead < 0xF0) {
+    length = 3;
+    if (lead == 0xE0) low = 0xA0;
+    if (lead == 0xED) high = 0x9F;
+  } else if (lead < 0xF5) {
+    length = 4;
+    if (lead == 0xF0) low = 0x90;
+    if (lead == 0xF4) high = 0x8F;
+  } else {
+    *why = "invalid UTF-8: byte above 0xF4";
+    return 0;
+  }
+  if (available < 2 || (u[1] & 0xC0) != 0x80) {
+    *why = "invalid UTF-8: truncated sequence";
+    return 0;
+  }
+  if (u[1] < low || u[1] > high) {
+    *why = lead == 0xED   ? "invalid UTF-8: encoded surrogate (U+D800 to U+DFFF)"
+           : lead == 0xF4 ? "invalid UTF-8: code point above U+10FFFF"
+                          : "invalid UTF-8: overlong encoding";
+    return 0;
+  }
+  for (std::size_t i = 2; i < length; ++i) {
+    if (i >= available || (u[i] & 0xC0) != 0x80) {
+      *why = "invalid UTF-8: truncated sequence";
+      return 0;
+    }
+  }
+  return length;
+}
+
+inline void append_utf8(std::string& out, std::uint32_t cp) {
+  char b[4];
+  std::size_t n;
+  if (cp < 0x80) {
+    b[0] = static_cast<char>(cp);
+    n = 1;
+  } else if (cp < 0x800) {
+    b[0] = static_cast<char>(0xC0 | (cp >> 6));
+    b[1] = static_cast<char>(0x80 | (cp & 0x3F));
+    n = 2;
+  } else if (cp < 0x10000) {
+    b[0] = static_cast<char>(0xE0 | (cp >> 12));
+    b[1] = static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+    b[2] = static_cast<char>(0x80 | (cp & 0x3F));
+    n = 3;
+  } else {
+    b[0] = static_cast<char>(0xF0 | (cp >> 18));
+    b[1] = static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
+    b[2] = static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+    b[3] = static_cast<char>(0x80 | (cp & 0x3F));
+    n = 4;
+  }
+  out.append(b, n);
+}
+
+// Index of the first member whose key repeats an earlier one, or n.
+inline std::size_t find_duplicate_key(const std::pair<std::string, Json>* members, std::size_t n) {
+  if (n < 2) return n;
+  if (n <= 16) {
+    for (std::size_t j = 1; j < n; ++j)
+      for (std::size_t i = 0; i < j; ++i)
+        if (members[i].first == members[j].first) return j;
+    return n;
+  }
+  std::vector<std::uint32_t> order(n);
+  for (std::size_t i = 0; i < n; ++i) order[i] = static_cast<std::uint32_t>(i);
+  std::sort(order.begin(), order.end(), [members](std::uint32_t a, std::uint32_t b) {
+    int c = members[a].first.compare(members[b].first);
+    return c != 0 ? c < 0 : a < b;
+  });
+  std::size_t first = n;
+  for (std::size_t i = 1; i < n; ++i)
+    if (members[order[i]].first == members[order[i - 1]].first && order[i] < first)
+      first = order[i];
+  return first;
+}
+
+[[noreturn]] inline void throw_duplicate_key(const std::string& key) {
+  throw JsonError("duplicate key \"" + key + "\" in object");
+}
+
+// One-pass parser over a byte range. Iterative: open containers live on an
+// explicit stack (levels_), their finished elements on values_ and members_
+// until the container closes, so nesting costs no native stack and every
+// container is allocated once at its exact size.
+class JsonParser {
+ public:
+  JsonParser(std::string_view text, std::size_t max_depth)
+      : begin_(text.data()), p_(text.data()), end_(text.data() + text.size()), max_depth_(max_depth) {}
+
+  Json parse() {
+    skip_ws();
+    if (p_ == end_) fail(p_, begin_ == end_ ? "empty input, expected a JSON value" : "expected a JSON value, got only whitespace");
+    bool after_comma = false;
+  value:
+    if (p_ == end_) fail(p_, "expected a value, got end of input");
+    switch (*p_) {
+      case '[':
+        if (levels_.size() >= max_depth_) fail_depth();
+        ++p_;
+        skip_ws();
+        if (p_ < end_ && *p_ == ']') {
+          ++p_;
+          emit(make(Json::Type::Array, new Json::Array()));
+          goto after_value;
+        }
+        levels_.push_back({false, values_.size()});
+        after_comma = false;
+        goto value;
+      case '{':
+        if (levels_.size() >= max_depth_) fail_depth();
+        ++p_;
+        skip_ws();
+        if (p_ < end_ && *p_ == '}') {
+          ++p_;
+          emit(make(Json::Type::Object, new Json::Object()));
+          goto after_value;
+        }
+        levels_.push_back({true, members_.size()});
+        after_comma = false;
+        goto key;
+      case '"': {
+        auto* s = new std::string();
+        Json value = make(Json::Type::String, s);
+        parse_string(*s);
+        emit(std::move(value));
+        goto after_value;
+      }
+      case 't':
+        literal("true", 4);
+        emit(Json(true));
+        goto after_value;
+      case 'f':
+        literal("false", 5);
+        emit(Json(false));
+        goto after_value;
+      case 'n':
+        literal("null", 4);
+        emit(Json());
+        goto after_value;
+      case '-': case '0': case '1': case '2': case '3': case '4':
+      case '5': case '6': case '7': case '8': case '9':
+        emit(parse_number());
+        goto after_value;
+      case ']':
+        if (after_comma) fail(p_, "trailing comma before ']'");
+        fail(p_, "expected a value, got ']'");
+      case 'N':
+      case 'I':
+        fail(p_, "expected a value, got " + describe(p_) + " (NaN and Infinity are not JSON)");
+      default:
+        fail(p_, "expected a value, got " + describe(p_));
+    }
+
+  after_value:
+    if (levels_.empty()) {
+      skip_ws();
+      if (p_ != end_) fail(p_, "unexpected " + describe(p_) + " after the JSON value");
+      return std::move(root_);
+    }
+    skip_ws();
+    after_comma = false;
+    if (!levels_.back().object) {
+      if (p_ < end_ && *p_ == ',') {
+        ++p_;
+        skip_ws();
+        after_comma = true;
+        goto value;
+      }
+      if (p_ < end_ && *p_ == ']') {
+        ++p_;
+        close_array();
+        goto after_value;
+      }
+      fail(p_, "expected ',' or ']', got " + describe(p_));
+    }
+    if (p_ < end_ && *p_ == ',') {
+      ++p_;
+      skip_ws();
+      after_comma = true;
+      goto key;
+    }
+    if (p_ < end_ && *p_ == '}') {
+      ++p_;
+      close_object();
+      goto after_value;
+    }
+    fail(p_, "expected ',' or '}', got " + describe(p_));
+
+  key:
+    if (p_ == end_ || *p_ != '"') {
+      if (after_comma && p_ < end_ && *p_ == '}') fail(p_, "trailing comma before '}'");
+      fail(p_, "expected a string key, got " + describe(p_));
+    }
+    key_positions_.push_back(p_);
+    members_.emplace_back();
+    parse_string(members_.back().first);
+    skip_ws();
+    if (p_ == end_ || *p_ != ':') fail(p_, "expected ':' after the key, got " + describe(p_));
+    ++p_;
+    skip_ws();
+    after_comma = false;
+    goto value;
+  }
+
+ private:
+  struct Level {
+    bool object;
+    std::size_t start;  // index of its first element in values_ or members_
+  };
+
+  template <class T>
+  static Json make(Json::Type type, T* payload) noexcept {
+    Json j;
+    j.type_ = type;
+    if constexpr (std::is_same_v<T, std::string>) j.value_.string = payload;
+    else if constexpr (std::is_same_v<T, Json::Array>) j.value_.array = payload;
+    else j.value_.object = payload;
+    return j;
+  }
+
+  void emit(Json&& value) {
+    if (levels_.empty()) root_ = std::move(value);
+    else if (levels_.back().object) members_.back().second = std::move(value);
+    else values_.push_back(std::move(value));
+  }
+
+  void close_array() {
+    const std::size_t start = levels_.back().start;
+    levels_.pop_back();
+    auto first = values_.begin() + static_cast<std::ptrdiff_t>(start);
+    Json array = make(Json::Type::Array, new Json::Array(std::make_move_iterator(first),
+                                                         std::make_move_iterator(values_.end())));
+    values_.erase(first, values_.end());
+    emit(std::move(array));
+  }
+
+  void close_object() {
+    const std::size_t start = levels_.back().start;
+    const std::size_t n = members_.size() - start;
+    const std::size_t dup = find_duplicate_key(members_.data() + start, n);
+    if (dup != n)
+      fail(key_positions_[start + dup], "duplicate key \"" + members_[start + dup].first + "\"");
+    levels_.pop_back();
+    auto first = members_.begin() + static_cast<std::ptrdiff_t>(start);
+    Json object = make(Json::Type::Object, new Json::Object(std::make_move_iterator(first),
+                                                            std::make_move_iterator(members_.end())));
+    members_.erase(first, members_.end());
+    key_positions_.resize(start);
+    emit(std::move(object));
+  }
+
+  void skip_ws() noexcept {
+    while (p_ < end_ && (*p_ == ' ' || *p_ == '\n' || *p_ == '\r' || *p_ == '\t')) ++p_;
+  }
+
+  void literal(const char* word, std::size_t n) {
+    if (static_cast<std::size_t>(end_ - p_) < n || std::memcmp(p_, word, n) != 0)
+      fail(p_, std::string("invalid literal, expected '") + word + "'");
+    p_ += n;
+  }
+
+  static bool is_digit(char c) noexcept { return c >= '0' && c <= '9'; }
+
+  Json parse_number() {
+    const char* start = p_;
+    const bool negative = *p_ == '-';
+    if (negative) ++p_;
+    if (p_ == end_ || !is_digit(*p_)) fail(p_, "expected a digit after '-', got " + describe(p_));
+    const char* digits = p_;
+    std::uint64_t magnitude = 0;
+    if (*p_ == '0') {
+      ++p_;
+      if (p_ < end_ && is_digit(*p_)) fail(p_ - 1, "leading zeros are not allowed");
+    } else {
+      // Wraps silently beyond 19 digits; such numbers are doubles anyway.
+      while (p_ < end_ && is_digit(*p_)) magnitude = magnitude * 10 + static_cast<unsigned>(*p_++ - '0');
+    }
+    const std::size_t digit_count = static_cast<std::size_t>(p_ - digits);
+    bool is_double = false;
+    if (p_ < end_ && *p_ == '.') {
+      ++p_;
+      if (p_ == end_ || !is_digit(*p_)) fail(p_, "expected a digit after the decimal point, got " + describe(p_));
+      while (p_ < end_ && is_digit(*p_)) ++p_;
+      is_double = true;
+    }
+    if (p_ < end_ && (*p_ == 'e' || *p_ == 'E')) {
+      ++p_;
+      if (p_ < end_ && (*p_ == '+' || *p_ == '-')) ++p_;
+      if (p_ == end_ || !is_digit(*p_)) fail(p_, "expected a digit in the exponent, got " + describe(p_));
+      while (p_ < end_ && is_digit(*p_)) ++p_;
+      is_double = true;
+    }
+    if (!is_double && digit_count <= 19) {
+      constexpr std::uint64_t int64_max = static_cast<std::uint64_t>(INT64_MAX);
+      if (!negative && magnitude <= int64_max) return Json(static_cast<std::int64_t>(magnitude));
+      if (negative && magnitude <= int64_max + 1)
+        return Json(magnitude == int64_max + 1 ? INT64_MIN : -static_cast<std::int64_t>(magnitude));
+    }
+    double value = 0;
+    const auto result = std::from_chars(start, p_, value);
+    if (result.ec == std::errc::result_out_of_range) {
+      if (is_huge(start, p_)) fail(start, "number out of range: " + std::string(start, p_) + " is too large for a double (JSON numbers are finite)");
+      value = negative ? -0.0 : 0.0;
+    } else if (result.ec != std::errc() || result.ptr != p_) {
+      fail(start, "invalid number");  // unreachable: the grammar was checked above
+    }
+    return Json(value);
+  }
+
+  // For a literal from_chars found out of range: is it too large (rather
+  // than too small)? Compares the decimal exponent of its first nonzero
+  // digit with 0.
+  static bool is_huge(const char* p, const char* end) noexcept {
+    if (*p == '-') ++p;
+    long long lead = 0;
+    bool found = false;
+    const char* q = p;
+    for (; q < end && is_digit(*q); ++q)
+      if (!found && *q != '0') {
+        found = true;
+        lead = 0;
+      } else if (found) {
+        ++lead;
+      }
+    if (q < end && *q == '.') {
+      ++q;
+      for (long long k = 1; q < end && is_digit(*q); ++q, ++k)
+        if (!found && *q != '0') {
+          found = true;
+          lead = -k;
+        }
+    }
+    long long exponent = 0;
+    if (q < end && (*q == 'e' || *q == 'E')) {
+      ++q;
+      const bool minus = *q == '-';
+      if (*q == '+' || *q == '-') ++q;
+      for (; q < end && is_digit(*q); ++q)
+        if (exponent < 1000000000000LL) exponent = exponent * 10 + (*q - '0');
+      if (minus) exponent = -exponent;
+    }
+    return lead + exponent >= 0;
+  }
+
+  // p_ is at the opening quote; leaves p_ after the closing one.
+  void parse_string(std::string& out) {
+    const char* open = p_;
+    const char* run = ++p_;
+    const char* p = scan_text(run);
+    if (p < end_ && *p == '"') {
+      out.assign(run, p);
+      p_ = p + 1;
+      return;
+    }
+    out.assign(run, p);
+    for (;;) {
+      if (p == end_) fail(open, "unterminated string");
+      const unsigned char c = static_cast<unsigned char>(*p);
+      if (c == '"') break;
+      if (c == '\\') {
+        p = parse_escape(p, out);
+      } else {
+        char hex[8];
+        std::snprintf(hex, sizeof hex, "%02X", c);
+        fail(p, std::string("control character U+00") + hex + " in string (must be escaped)");
+      }
+      run = p;
+      p = scan_text(run);
+      out.append(run, p);
+    }
+    p_ = p + 1;
+  }
+
+  // Skips plain ASCII and well-formed UTF-8; stops at '"', '\\', a control
+  // character or the end. Invalid UTF-8 is an error here.
+  const char* scan_text(const char* p) {
+    for (;;) {
+      p = json_skip_plain(p, end_);
+      if (p == end_ || static_cast<unsigned char>(*p) < 0x80) return p;
+      const char* why = nullptr;
+      const std::size_t n = utf8_sequence_length(p, end_, &why);
+      if (n == 0) fail(p, why);
+      p += n;
+    }
+  }
+
+  static int hex_value(char c) noexcept {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+  }
+
+  // The four hex digits after "\u" at p, or a parse error.
+  std::uint32_t hex4(const char* escape) {
+    const char* p = escape + 2;
+    if (end_ - p < 4) fail(escape, "truncated \\u escape");
+    std::uint32_t v = 0;
+    for (int i = 0; i < 4; ++i) {
+      const int h = hex_value(p[i]);
+      if (h < 0) fail(escape, "invalid \\u escape: expected four hex digits");
+      v = v << 4 | static_cast<std::uint32_t>(h);
+    }
+    return v;
+  }
+
+  // p is at a backslash; appends the decoded character, returns what follows.
+  const char* parse_escape(const char* p, std::string& out) {
+    if (end_ - p < 2) fail(p, "unterminated string (escape at end of input)");
+    char decoded;
+    switch (p[1]) {
+      case '"': decoded = '"'; break;
+      case '\\': decoded = '\\'; break;
+      case '/': decoded = '/'; break;
+      case 'b': decoded = '\b'; break;
+      case 'f': decoded = '\f'; break;
+      case 'n': decoded = '\n'; break;
+      case 'r': decoded = '\r'; break;
+      case 't': decoded = '\t'; break;
+      case 'u': {
+        std::uint32_t cp = hex4(p);
+        if (cp >= 0xDC00 && cp <= 0xDFFF) fail(p, "lone low surrogate in \\u escape");
+        if (cp >= 0xD800 && cp <= 0xDBFF) {
+          const char* second = p + 6;
+          if (end_ - second < 2 || second[0] != '\\' || second[1] != 'u')
+            fail(p, "lone high surrogate in \\u escape (expected a \\uDC00-\\uDFFF escape after it)");
+          const std::uint32_t low = hex4(second);
+          if (low < 0xDC00 || low > 0xDFFF)
+            fail(second, "invalid surrogate pair: a \\uD800-\\uDBFF escape must be followed by \\uDC00-\\uDFFF");
+          cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
+          append_utf8(out, cp);
+          return second + 6;
+        }
+        append_utf8(out, cp);
+        return p + 6;
+      }
+      default:
+        fail(p, "invalid escape \\" + describe_raw(p + 1) + " in string");
+    }
+    out.push_back(decoded);
+    return p + 2;
+  }
+
+  [[noreturn]] void fail_depth() const {
+    fail(p_, "nesting deeper than " + std::to_string(max_depth_) + " levels");
+  }
+
+  // The byte at p for a message: 'x', byte 0xNN, or end of input.
+  std::string describe(const char* p) const {
+    if (p >= end_) return "end of input";
+    const unsigned char c = static_cast<unsigned char>(*p);
+    if (c >= 0x20 && c < 0x7F) return "'" + describe_raw(p) + "'";
+    return describe_raw(p);
+  }
+  std::string describe_raw(const char* p) const {
+    if (p >= end_) return "end of input";
+    const unsigned char c = static_cast<unsigned char>(*p);
+    if (c >= 0x20 && c < 0x7F) return std::string(1, static_cast<char>(c));
+    char buf[16];
+    std::snprintf(buf, sizeof buf, "byte 0x%02X", c);
+    return buf;
+  }
+
+  [[noreturn]] void fail(const char* at, const std::string& reason) const {
+    std::size_t line = 1;
+    const char* line_start = begin_;
+    for (const char* q = begin_; q < at; ++q)
+      if (*q == '\n') {
+        ++line;
+        line_start = q + 1;
+      }
+    std::size_t column = 1;
+    for (const char* q = line_start; q < at; ++q)
+      if ((static_cast<unsigned char>(*q) & 0xC0) != 0x80) ++column;
+    throw JsonParseError(reason, static_cast<std::size_t>(at - begin_), line, column);
+  }
+
+  const char* begin_;
+  const char* p_;
+  const char* end_;
+  std::size_t max_depth_;
+  Json root_;
+  std::vector<Level> levels_;
+  std::vector<Json> values_;
+  std::vector<std::pair<std::string, Json>> members_;
+  std::vector<const char*> key_positions_;  // of members_, for duplicate-key errors
+};
+
+// Prints into one std::string, writing through a raw pointer into space
+// grown geometrically and trimmed at the end.
+class JsonWriter {
+ public:
+  JsonWriter(std::string& out, int indent) : out_(out), pos_(out.size()), indent_(indent) {}
+
+  void write(const Json& v, std::size_t depth) {
+    switch (v.type_) {
+      case Json::Type::Null: put("null", 4); return;
+      case Json::Type::Bool: v.value_.boolean ? put("true", 4) : put("false", 5); return;
+      case Json::Type::Int: {
+        char* o = room(24);
+        pos_ = static_cast<std::size_t>(std::to_chars(o, o + 24, v.value_.integer).ptr - out_.data());
+        return;
+      }
+      case Json::Type::Double: write_double(v.value_.number); return;
+      case Json::Type::String: write_string(*v.value_.string); return;
+      case Json::Type::Array: {
+        const Json::Array& a = *v.value_.array;
+        if (a.empty()) return put("[]", 2);
+        put_char('[');
+        const std::size_t n = a.size();
+        for (std::size_t i = 0; i < n; ++i) {
+          if (i + 4 < n) prefetch(a[i + 4]);
+          if (i) put_char(',');
+          newline(depth + 1);
+          write(a[i], depth + 1);
+        }
+        newline(depth);
+        put_char(']');
+        return;
+      }
+      case Json::Type::Object: {
+        const Json::Object& o = *v.value_.object;
+        if (o.empty()) return put("{}", 2);
+        put_char('{');
+        const std::size_t n = o.size();
+        for (std::size_t i = 0; i < n; ++i) {
+          if (i + 2 < n) prefetch(o[i + 2].second);
+          if (i) put_char(',');
+          newline(depth + 1);
+          write_string(o[i].first);
+          indent_ < 0 ? put_char(':') : put(": ", 2);
+          write(o[i].second, depth + 1);
+        }
+        newline(depth);
+        put_char('}');
+        return;
+      }
+    }
+  }
+
+  void finish() { out_.resize(pos_); }
+
+  // Starts loading what v points to: the tree is walked in order, and each
+  // container or long string is a dependent cache miss otherwise.
+  static void prefetch(const Json& v) noexcept {
+    if (v.type_ >= Json::Type::String) __builtin_prefetch(v.value_.string);
+  }
+
+ private:
+  // At least n writable bytes at the returned pointer (pos_ unchanged).
+  char* room(std::size_t n) {
+    if (out_.size() - pos_ < n) out_.resize(std::max({out_.size() * 2, pos_ + n, std::size_t{256}}));
+    return &out_[pos_];
+  }
+  void put(const char* s, std::size_t n) {
+    std::memcpy(room(n), s, n);
+    pos_ += n;
+  }
+  void put_char(char c) {
+    *room(1) = c;
+    ++pos_;
+  }
+  void newline(std::size_t depth) {
+    if (indent_ < 0) return;
+    const std::size_t n = depth * static_cast<std::size_t>(indent_);
+    char* o = room(n + 1);
+    *o = '\n';
+    std::memset(o + 1, ' ', n);
+    pos_ += n + 1;
+  }
+
+  void write_double(double d) {
+    if (!std::isfinite(d)) throw JsonError("cannot print NaN or infinity: JSON numbers must be finite");
+    char* o = room(32);
+    char* e = std::to_chars(o, o + 30, d).ptr;
+    // Integral values print without '.' or exponent; mark them as doubles.
+    bool plain = true;
+    for (const char* q = o; q < e; ++q)
+      if (*q == '.' || *q == 'e') {
+        plain = false;
+        break;
+      }
+    if (plain) {
+      *e++ = '.';
+      *e++ = '0';
+    }
+    pos_ = static_cast<std::size_t>(e - out_.data());
+  }
+
+  void write_string(const std::string& s) {
+    const char* p = s.data();
+    const char* end = p + s.size();
+    char* o = room(s.size() + 2);
+    *o++ = '"';
+    for (;;) {
+      const char* run = p;
+      for (;;) {
+        p = json_skip_plain(p, end);
+        if (p == end || static_cast<unsigned char>(*p) < 0x80) break;
+        const char* why = nullptr;
+        const std::size_t n = utf8_sequence_length(p, end, &why);
+        if (n == 0)
+          throw JsonError(std::string("cannot print a string that is not UTF-8 (") + why + " at byte " +
+                          std::to_string(p - s.data()) + ")");
+        p += n;
+      }
+      std::memcpy(o, run, static_cast<std::size_t>(p - run));
+      o += p - run;
+      if (p == end) break;
+      // An escape: make room for it and for the rest as it is.
+      pos_ = static_cast<std::size_t>(o - out_.data());
+      o = room(static_cast<std::size_t>(end - p) + 7);
+      const unsigned char c = static_cast<unsigned char>(*p++);
+      *o++ = '\\';
+      switch (c) {
+        case '"': *o++ = '"'; break;
+        case '\\': *o++ = '\\'; break;
+        case '\b': *o++ = 'b'; break;
+        case '\f': *o++ = 'f'; break;
+        case '\n': *o++ = 'n'; break;
+        case '\r': *o++ = 'r'; break;
+        case '\t': *o++ = 't'; break;
+        default: {
+          static constexpr char hex[] = "0123456789abcdef";
+          *o++ = 'u';
+          *o++ = '0';
+          *o++ = '0';
+          *o++ = hex[c >> 4];
+          *o++ = hex[c & 15];
+        }
+      }
+    }
+    *o++ = '"';
+    pos_ = static_cast<std::size_t>(o - out_.data());
+  }
+
+  std::string& out_;
+  std::size_t pos_;
+  int indent_;
+};
+
+inline bool int_equals_double(std::int64_t i, double d) noexcept {
+  if (!(d >= -0x1p63 && d < 0x1p63)) return false;
+  const auto t = static_cast<std::int64_t>(d);
+  return t == i && static_cast<double>(t) == d;
+}
+
+}  // namespace detail
+
+template <class T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool>, int>>
+Json::Json(T value) noexcept {
+  if constexpr (std::is_unsigned_v<T> && sizeof(T) >= sizeof(std::int64_t)) {
+    if (value > static_cast<T>(INT64_MAX)) {
+      type_ = Type::Double;
+      value_.number = static_cast<double>(value);
+      return;
+    }
+  }
+  type_ = Type::Int;
+  value_.integer = static_cast<std::int64_t>(value);
+}
+
+inline Json::Json(const char* value) {
+  if (!value) throw JsonError("Json from a null const char*");
+  value_.string = new std::string(value);
+  type_ = Type::String;
+}
+inline Json::Json(std::string value) {
+  value_.string = new std::string(std::move(value));
+  type_ = Type::String;
+}
+inline Json::Json(std::string_view value) {
+  value_.string = new std::string(value);
+  type_ = Type::String;
+}
+inline Json::Json(Array value) {
+  value_.array = new Array(std::move(value));
+  type_ = Type::Array;
+}
+inline Json::Json(Object value) {
+  const std::size_t dup = detail::find_duplicate_key(value.data(), value.size());
+  if (dup != value.size()) detail::throw_duplicate_key(value[dup].first);
+  value_.object = new Object(std::move(value));
+  type_ = Type::Object;
+}
+inline Json::Json(std::initializer_list<Json> elements) : Json(Array(elements)) {}
+
+inline Json Json::array(std::initializer_list<Json> elements) { return Json(Array(elements)); }
+
+inline Json Json::object(std::initializer_list<std::pair<std::string, Json>> members) {
+  return Json(Object(members));
+}
+
+inline Json::Json(const Json& other) {
+  switch (other.type_) {
+    case Type::String: value_.string = new std::string(*other.value_.string); break;
+    case Type::Array: value_.array = new Array(*other.value_.array); break;
+    case Type::Object: value_.object = new Object(*other.value_.object); break;
+    default: value_ = other.value_;
+  }
+  type_ = other.type_;
+}
+
+inline Json& Json::operator=(const Json& other) {
+  if (this != &other) {
+    Json copy(other);  // before destroying: other may live inside *this
+    *this = std::move(copy);
+  }
+  return *this;
+}
+
+inline Json& Json::operator=(Json&& other) noexcept {
+  if (this != &other) {
+    // Detach other's payload first: it may be an element of *this.
+    const Type type = other.type_;
+    const Storage value = other.value_;
+    other.type_ = Type::Null;
+    destroy();
+    type_ = type;
+    value_ = value;
+  }
+  return *this;
+}
+
+inline void Json::destroy() noexcept {
+  switch (type_) {
+    case Type::String: delete value_.string; break;
+    case Type::Array: delete value_.array; break;
+    case Type::Object: delete value_.object; break;
+    default: break;
+  }
+  type_ = Type::Null;
+}
+
+inline void Json::type_error(const char* expected) const {
+  throw JsonError(std::string("expected ") + expected + ", got " + to_string(type_));
+}
+
+inline bool Json::as_bool() const {
+  if (type_ != Type::Bool) type_error("boolean");
+  return value_.boolean;
+}
+
+inline std::int64_t Json::as_int() const {
+  if (type_ == Type::Int) return value_.integer;
+  if (type_ == Type::Double) {
+    const double d = value_.number;
+    if (d >= -0x1p63 && d < 0x1p63 && d == std::trunc(d)) return static_cast<std::int64_t>(d);
+    const std::string text = std::isnan(d) ? "NaN" : std::isinf(d) ? (d < 0 ? "-Infinity" : "Infinity") : dump();
+    throw JsonError("expected integer, got number " + text);
+  }
+  type_error("integer");
+}
+
+inline double Json::as_double() const {
+  if (type_ == Type::Double) return value_.number;
+  if (type_ == Type::Int) return static_cast<double>(value_.integer);
+  type_error("number");
+}
+
+inline const std::string& Json::as_string() const {
+  if (type_ != Type::String) type_error("string");
+  return *value_.string;
+}
+inline std::string& Json::as_string() {
+  if (type_ != Type::String) type_error("string");
+  return *value_.string;
+}
+inline const Json::Array& Json::as_array() const {
+  if (type_ != Type::Array) type_error("array");
+  return *value_.array;
+}
+inline Json::Array& Json::as_array() {
+  if (type_ != Type::Array) type_error("array");
+  return *value_.array;
+}
+inline const Json::Object& Json::as_object() const {
+  if (type_ != Type::Object) type_error("object");
+  return *value_.object;
+}
+inline Json::Object& Json::as_object() {
+  if (type_ != Type::Object) type_error("object");
+  return *value_.object;
+}
+
+inline std::size_t Json::size() const noexcept {
+  if (type_ == Type::Array) return value_.array->size();
+  if (type_ == Type::Object) return value_.object->size();
+  return 0;
+}
+
+inline const Json& Json::operator[](std::size_t index) const {
+  const Array& a = as_array();
+  if (index >= a.size())
+    throw JsonError("index " + std::to_string(index) + " out of range for an array of " +
+                    std::to_string(a.size()) + " elements");
+  return a[index];
+}
+inline Json& Json::operator[](std::size_t index) {
+  return const_cast<Json&>(static_cast<const Json&>(*this)[index]);
+}
+
+inline const Json* Json::find(std::string_view key) const {
+  if (type_ != Type::Object) return nullptr;
+  for (const auto& m : *value_.object)
+    if (m.first == key) return &m.second;
+  return nullptr;
+}
+inline Json* Json::find(std::string_view key) {
+  return const_cast<Json*>(static_cast<const Json&>(*this).find(key));
+}
+
+inline const Json& Json::operator[](std::string_view key) const {
+  if (type_ != Type::Object) type_error("object");
+  if (const Json* v = find(key)) return *v;
+  throw JsonError("missing key \"" + std::string(key) + "\"");
+}
+inline Json& Json::operator[](std::string_view key) {
+  if (type_ == Type::Null) *this = Json(Object());
+  if (type_ != Type::Object) type_error("object");
+  if (Json* v = find(key)) return *v;
+  value_.object->emplace_back(std::string(key), Json());
+  return value_.object->back().second;
+}
+
+inline void Json::push_back(Json value) {
+  if (type_ == Type::Null) *this = Json(Array());
+  if (type_ != Type::Array) type_error("array");
+  value_.array->push_back(std::move(value));
+}
+
+inline bool operator==(const Json& a, const Json& b) noexcept {
+  using T = Json::Type;
+  if (a.type() != b.type()) {
+    if (a.is_int() && b.is_double()) return detail::int_equals_double(a.value_.integer, b.value_.number);
+    if (a.is_double() && b.is_int()) return detail::int_equals_double(b.value_.integer, a.value_.number);
+    return false;
+  }
+  switch (a.type()) {
+    case T::Null: return true;
+    case T::Bool: return a.value_.boolean == b.value_.boolean;
+    case T::Int: return a.value_.integer == b.value_.integer;
+    case T::Double: return a.value_.number == b.value_.number;
+    case T::String: return *a.value_.string == *b.value_.string;
+    case T::Array: return *a.value_.array == *b.value_.array;
+    case T::Object: {
+      const Json::Object& x = *a.value_.object;
+      const Json::Object& y = *b.value_.object;
+      if (x.size() != y.size()) return false;
+      std::size_t i = 0;  // same order: one pass; otherwise look each key up
+      while (i < x.size() && x[i].first == y[i].first) {
+        if (x[i].second != y[i].second) return false;
+        ++i;
+      }
+      for (; i < x.size(); ++i) {
+        const Json* other = b.find(x[i].first);
+        if (!other || *other != x[i].second) return false;
+      }
+      return true;
+    }
+  }
+  return false;
+}
+
+inline void Json::dump_to(std::string& out, int indent) const {
+  const std::size_t original = out.size();
+  try {
+    detail::JsonWriter writer(out, indent);
+    writer.write(*this, 0);
+    writer.finish();
+  } catch (...) {
+    out.resize(original);
+    throw;
+  }
+}
+
+inline std::string Json::dump(int indent) const {
+  std::string out;
+  dump_to(out, indent);
+  return out;
+}
+
+inline Json Json::parse(std::string_view text, const ParseOptions& options) {
+  return detail::JsonParser(text, options.max_depth).parse();
+}
+
+}  // namespace aet
 
 // ---- implementation: log_defer ---------------------------------------------
 

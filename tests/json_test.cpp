@@ -1,0 +1,586 @@
+// aet::Json: values, accessors, the strict parser and the printer.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "anyevent_task.hpp"
+
+using aet::Json;
+
+namespace {
+
+// The message of the JsonParseError that parsing `text` throws, or "" when
+// it parses.
+std::string parse_error(const std::string& text, Json::ParseOptions options = {}) {
+  try {
+    Json::parse(text, options);
+  } catch (const aet::JsonParseError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const aet::JsonError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// parse(dump(v)) and parse(dump(2)) give back v, type for type.
+void require_round_trip(const Json& v) {
+  INFO(v.dump());
+  Json compact = Json::parse(v.dump());
+  REQUIRE(compact == v);
+  REQUIRE(compact.type() == v.type());
+  REQUIRE(compact.dump() == v.dump());
+  Json pretty = Json::parse(v.dump(2));
+  REQUIRE(pretty == v);
+  REQUIRE(pretty.dump() == v.dump());
+}
+
+std::string nested(std::size_t depth, const std::string& open, const std::string& close,
+                   const std::string& middle = "") {
+  std::string s;
+  for (std::size_t i = 0; i < depth; ++i) s += open;
+  s += middle;
+  for (std::size_t i = 0; i < depth; ++i) s += close;
+  return s;
+}
+
+}  // namespace
+
+TEST_CASE("a value is 16 bytes") { STATIC_REQUIRE(sizeof(Json) == 16); }
+
+TEST_CASE("values are built from C++ values with the expected types") {
+  CHECK(Json().is_null());
+  CHECK(Json(nullptr).is_null());
+  CHECK(Json(true).as_bool() == true);
+  CHECK(Json(false).type() == Json::Type::Bool);
+  CHECK(Json(42).as_int() == 42);
+  CHECK(Json(static_cast<unsigned char>(200)).as_int() == 200);
+  CHECK(Json(-7L).is_int());
+  CHECK(Json(std::numeric_limits<std::int64_t>::min()).as_int() == std::numeric_limits<std::int64_t>::min());
+  CHECK(Json(std::uint64_t{9223372036854775807u}).is_int());
+  CHECK(Json(std::uint64_t{9223372036854775808u}).is_double());
+  CHECK(Json(std::uint64_t{9223372036854775808u}).as_double() == 9223372036854775808.0);
+  CHECK(Json(2.5).as_double() == 2.5);
+  CHECK(Json(2.5f).is_double());
+  CHECK(Json("text").as_string() == "text");
+  CHECK(Json(std::string("s")).is_string());
+  CHECK(Json(std::string_view("view")).as_string() == "view");
+  CHECK(Json(Json::Array{1, 2}).size() == 2);
+  CHECK(Json(Json::Object{{"k", 1}}).is_object());
+  CHECK_THROWS_AS(Json(static_cast<const char*>(nullptr)), aet::JsonError);
+}
+
+TEST_CASE("braces always make an array and object() always an object") {
+  Json a{1, 2, 3};
+  REQUIRE(a.is_array());
+  REQUIRE(a.size() == 3);
+
+  // Two elements whose first is a string: still an array, not an object.
+  Json pair{"key", 1};
+  REQUIRE(pair.is_array());
+  REQUIRE(pair.dump() == R"(["key",1])");
+
+  // A list of pairs: an array of arrays.
+  Json pairs{{"a", 1}, {"b", 2}};
+  REQUIRE(pairs.dump() == R"([["a",1],["b",2]])");
+
+  Json wrapped{Json::object({{"a", 1}})};
+  REQUIRE(wrapped.is_array());
+  REQUIRE(wrapped.size() == 1);
+  REQUIRE(wrapped[0].is_object());
+
+  Json one{Json{1}};
+  REQUIRE(one.dump() == "[[1]]");
+
+  Json empty_braces{};
+  REQUIRE(empty_braces.is_null());
+  REQUIRE(Json::array().dump() == "[]");
+  REQUIRE(Json::object().dump() == "{}");
+  REQUIRE(Json::array({1, "x"}).dump() == R"([1,"x"])");
+
+  Json o = Json::object({{"a", 1}, {"b", {1, 2}}, {"c", Json::object({{"d", nullptr}})}});
+  REQUIRE(o.is_object());
+  REQUIRE(o.dump() == R"({"a":1,"b":[1,2],"c":{"d":null}})");
+
+  // Copies are made with parentheses or `=`.
+  Json copy(o);
+  Json assigned = o;
+  REQUIRE(copy == o);
+  REQUIRE(assigned == o);
+  REQUIRE(copy.is_object());
+}
+
+TEST_CASE("object() and Json(Object) reject a duplicate key") {
+  std::string message = error_of([] { Json::object({{"a", 1}, {"b", 2}, {"a", 3}}); });
+  REQUIRE(message.find("duplicate key \"a\"") != std::string::npos);
+  Json::Object many;
+  for (int i = 0; i < 40; ++i) many.emplace_back("k" + std::to_string(i), i);
+  REQUIRE_NOTHROW(Json(many));
+  many.emplace_back("k17", 0);
+  REQUIRE_THROWS_AS(Json(many), aet::JsonError);
+}
+
+TEST_CASE("typed accessors name the expected and the actual type") {
+  REQUIRE(error_of([] { Json(1).as_string(); }) == "expected string, got number");
+  REQUIRE(error_of([] { Json(1.5).as_bool(); }) == "expected boolean, got number");
+  REQUIRE(error_of([] { Json("x").as_int(); }) == "expected integer, got string");
+  REQUIRE(error_of([] { Json().as_double(); }) == "expected number, got null");
+  REQUIRE(error_of([] { Json::object().as_array(); }) == "expected array, got object");
+  REQUIRE(error_of([] { Json::array().as_object(); }) == "expected object, got array");
+  REQUIRE(error_of([] { Json(true).as_string(); }) == "expected string, got boolean");
+  REQUIRE(error_of([] { Json(1.5).as_int(); }) == "expected integer, got number 1.5");
+  REQUIRE(error_of([] { Json(1e300).as_int(); }).find("expected integer") == 0);
+  // An integral double converts to int, an int to double.
+  REQUIRE(Json(2.0).as_int() == 2);
+  REQUIRE(Json(-3).as_double() == -3.0);
+  // Errors derive from aet::Error.
+  REQUIRE_THROWS_AS(Json(1).as_string(), aet::Error);
+  REQUIRE(std::string(aet::to_string(Json::Type::Int)) == "number");
+  REQUIRE(std::string(aet::to_string(Json::Type::Object)) == "object");
+}
+
+TEST_CASE("indexing, lookup and mutation of arrays and objects") {
+  Json a{10, 20};
+  REQUIRE(a[1].as_int() == 20);
+  REQUIRE(error_of([&] { a[2]; }) == "index 2 out of range for an array of 2 elements");
+  a[0] = "ten";
+  REQUIRE(a.dump() == R"(["ten",20])");
+
+  Json o = Json::object({{"name", "x"}});
+  const Json& co = o;
+  REQUIRE(co["name"].as_string() == "x");
+  REQUIRE(error_of([&] { co["missing"]; }) == "missing key \"missing\"");
+  REQUIRE(o.contains("name"));
+  REQUIRE_FALSE(o.contains("nope"));
+  REQUIRE(o.find("nope") == nullptr);
+  REQUIRE(o.find("name")->as_string() == "x");
+  REQUIRE(Json(1).find("name") == nullptr);
+  REQUIRE(error_of([] { Json(1)["k"]; }) == "expected object, got number");
+  REQUIRE(error_of([] { Json::object()[0]; }) == "expected array, got object");
+
+  o["added"] = 5;  // inserts
+  REQUIRE(o.size() == 2);
+  REQUIRE(o.as_object().back().first == "added");
+  o["added"] = 6;  // replaces
+  REQUIRE(o.size() == 2);
+  REQUIRE(o["added"].as_int() == 6);
+
+  Json n;
+  n["k"]["j"] = 1;  // null becomes an object
+  REQUIRE(n.dump() == R"({"k":{"j":1}})");
+  Json list;
+  list.push_back(1);  // null becomes an array
+  list.push_back("two");
+  REQUIRE(list.dump() == R"([1,"two"])");
+  REQUIRE_THROWS_AS(Json(1).push_back(2), aet::JsonError);
+
+  REQUIRE(Json(5).size() == 0);
+  REQUIRE(Json(5).empty());
+  REQUIRE(Json::array().empty());
+  REQUIRE_FALSE(Json{1}.empty());
+}
+
+TEST_CASE("assigning a value its own element works") {
+  Json v = Json::parse(R"([[1, [2, "deep"]], 3])");
+  v = std::move(v[0]);
+  REQUIRE(v.dump() == R"([1,[2,"deep"]])");
+  v = v[1];
+  REQUIRE(v.dump() == R"([2,"deep"])");
+  Json& self = v;
+  v = self;
+  REQUIRE(v.dump() == R"([2,"deep"])");
+  Json moved = std::move(v);
+  REQUIRE(v.is_null());
+  REQUIRE(moved.size() == 2);
+}
+
+TEST_CASE("equality compares numbers by value and objects regardless of order") {
+  REQUIRE(Json(1) == Json(1.0));
+  REQUIRE(Json(1.0) == Json(1));
+  REQUIRE(Json(1) != Json(1.5));
+  REQUIRE(Json(std::numeric_limits<std::int64_t>::max()) != Json(9223372036854775807.0));
+  REQUIRE(Json(0) == Json(-0.0));
+  REQUIRE(Json("1") != Json(1));
+  REQUIRE(Json() != Json(false));
+  REQUIRE(Json::parse(R"({"a":1,"b":[true,null]})") == Json::parse(R"({"b":[true,null],"a":1})"));
+  REQUIRE(Json::parse(R"({"a":1,"b":2})") != Json::parse(R"({"a":1,"c":2})"));
+  REQUIRE(Json::parse(R"({"a":1})") != Json::parse(R"({"a":1,"b":2})"));
+  REQUIRE(Json::parse("[1,2]") != Json::parse("[2,1]"));
+  REQUIRE(Json{1, "a"} == Json::parse(R"([1.0, "a"])"));
+}
+
+TEST_CASE("integers that fit int64 stay integers, others become doubles") {
+  Json max = Json::parse("9223372036854775807");
+  REQUIRE(max.is_int());
+  REQUIRE(max.as_int() == std::numeric_limits<std::int64_t>::max());
+  Json min = Json::parse("-9223372036854775808");
+  REQUIRE(min.is_int());
+  REQUIRE(min.as_int() == std::numeric_limits<std::int64_t>::min());
+  REQUIRE(Json::parse("9223372036854775808").is_double());
+  REQUIRE(Json::parse("-9223372036854775809").is_double());
+  REQUIRE(Json::parse("123456789012345678901234567890").as_double() == 123456789012345678901234567890.0);
+  REQUIRE(Json::parse("0").is_int());
+  REQUIRE(Json::parse("-0").is_int());
+  REQUIRE(Json::parse("1.0").is_double());
+  REQUIRE(Json::parse("1e2").is_double());
+  REQUIRE(Json::parse("1E+2").as_double() == 100.0);
+  REQUIRE(Json::parse("-1.5e-3").as_double() == -0.0015);
+  require_round_trip(max);
+  require_round_trip(min);
+}
+
+TEST_CASE("doubles round-trip exactly and stay doubles") {
+  for (double d : {0.1, 1.0, -1.0, 100.0, 1e300, 5e-324, 2.2250738585072014e-308, 1.7976931348623157e308,
+                   0.30000000000000004, 123456789012345680.0, 1e16, 1e21, 1e-7, 3.14159, -2.5e-10,
+                   9007199254740993.0, 0.5, 1234.5678}) {
+    Json v(d);
+    INFO(v.dump());
+    Json back = Json::parse(v.dump());
+    REQUIRE(back.is_double());
+    REQUIRE(back.as_double() == d);
+    require_round_trip(v);
+  }
+  REQUIRE(Json(0.1).dump() == "0.1");
+  REQUIRE(Json(1.0).dump() == "1.0");
+  REQUIRE(Json(100.0).dump() == "100.0");
+  REQUIRE(Json(1e300).dump().find("e") != std::string::npos);
+  REQUIRE(Json::parse("5e-324").as_double() == std::numeric_limits<double>::denorm_min());
+}
+
+TEST_CASE("negative zero keeps its sign") {
+  Json z(-0.0);
+  REQUIRE(z.dump() == "-0.0");
+  Json back = Json::parse(z.dump());
+  REQUIRE(back.is_double());
+  REQUIRE(std::signbit(back.as_double()));
+  REQUIRE(std::signbit(Json::parse("-0.0").as_double()));
+  REQUIRE(std::signbit(Json::parse("-0e5").as_double()));
+}
+
+TEST_CASE("numbers too large for a double are refused, too small ones round to zero") {
+  REQUIRE(parse_error("1e400").find("too large") != std::string::npos);
+  REQUIRE(parse_error("-1e400").find("too large") != std::string::npos);
+  REQUIRE(parse_error("[1" + std::string(400, '0') + "]").find("too large") != std::string::npos);
+  REQUIRE(parse_error("1" + std::string(400, '0') + "e-10").find("too large") != std::string::npos);
+  Json tiny = Json::parse("1e-400");
+  REQUIRE(tiny.is_double());
+  REQUIRE(tiny.as_double() == 0.0);
+  REQUIRE(std::signbit(Json::parse("-1e-400").as_double()));
+  REQUIRE(Json::parse("0." + std::string(400, '0') + "1").as_double() == 0.0);
+}
+
+TEST_CASE("NaN and infinities cannot be printed") {
+  for (double d : {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity(),
+                   -std::numeric_limits<double>::infinity()}) {
+    Json v{1, d};
+    REQUIRE_THROWS_AS(v.dump(), aet::JsonError);
+    std::string out = "prefix";
+    REQUIRE_THROWS_AS(v.dump_to(out), aet::JsonError);
+    REQUIRE(out == "prefix");  // left as it was
+  }
+  REQUIRE(error_of([] { Json(std::nan("")).dump(); }).find("finite") != std::string::npos);
+}
+
+TEST_CASE("strings decode every escape") {
+  Json s = Json::parse(R"("q\" b\\ s\/ \b\f\n\r\t \u0041\u00e9\u20ac \u0000end")");
+  REQUIRE(s.as_string() == std::string("q\" b\\ s/ \b\f\n\r\t A\xc3\xa9\xe2\x82\xac ") + '\0' + "end");
+  require_round_trip(s);
+}
+
+TEST_CASE("astral characters work raw and as surrogate-pair escapes") {
+  const std::string grin = "\xf0\x9f\x98\x80";  // U+1F600
+  Json raw = Json::parse("\"" + grin + "\"");
+  Json escaped = Json::parse(R"("\ud83d\ude00")");
+  Json upper = Json::parse(R"("\uD83D\uDE00")");
+  REQUIRE(raw.as_string() == grin);
+  REQUIRE(escaped == raw);
+  REQUIRE(upper == raw);
+  REQUIRE(Json::parse(R"("\udbff\udfff")").as_string() == "\xf4\x8f\xbf\xbf");  // U+10FFFF
+  REQUIRE(Json::parse(R"("\ud800\udc00")").as_string() == "\xf0\x90\x80\x80");  // U+10000
+  REQUIRE(escaped.dump() == "\"" + grin + "\"");  // non-ASCII passes through
+  require_round_trip(raw);
+}
+
+TEST_CASE("strings are printed with minimal escapes") {
+  REQUIRE(Json("a\"b\\c/d").dump() == R"("a\"b\\c/d")");
+  REQUIRE(Json("\n\t\r\b\f").dump() == R"("\n\t\r\b\f")");
+  REQUIRE(Json(std::string("\x01\x1f", 2)).dump() == R"("\u0001\u001f")");
+  REQUIRE(Json(std::string(1, '\0')).dump() == R"("\u0000")");
+  REQUIRE(Json("\x7f").dump() == "\"\x7f\"");
+  REQUIRE(Json("caf\xc3\xa9 \xe6\x97\xa5").dump() == "\"caf\xc3\xa9 \xe6\x97\xa5\"");
+  std::string long_text(1000, 'x');
+  long_text[500] = '\n';
+  long_text += "\xe2\x82\xac\"";
+  Json v(long_text);
+  REQUIRE(Json::parse(v.dump()) == v);
+  // Many escapes in a row grow the output correctly.
+  std::string controls(300, '\x01');
+  REQUIRE(Json(controls).dump().size() == 300 * 6 + 2);
+  REQUIRE(Json::parse(Json(controls).dump()).as_string() == controls);
+}
+
+TEST_CASE("printing a string that is not UTF-8 is an error") {
+  for (const char* bad : {"\xff", "a\xc3", "\xc0\xaf", "\xed\xa0\x80", "\xf4\x90\x80\x80", "\x80"}) {
+    INFO(bad);
+    REQUIRE_THROWS_AS(Json(bad).dump(), aet::JsonError);
+    REQUIRE_THROWS_AS(Json::object({{bad, 1}}).dump(), aet::JsonError);
+  }
+  REQUIRE(error_of([] { Json("ok \xff").dump(); }).find("not UTF-8") != std::string::npos);
+}
+
+TEST_CASE("valid documents of every kind are accepted and round-trip") {
+  const std::vector<std::string> documents = {
+      "null", "true", "false", "0", "-0", "1", "-1", "0.5", "-0.5e-2", "1E10", "1e+1", "1e-1", "123.456e78",
+      R"("")", R"("plain")", "[]", "{}", "[[]]", "[{}]", R"({"":0})", R"({"a":{}})", " \t\r\n[ 1 , 2 ]\n ",
+      R"([null,true,false,0,1.5,"s",[],{}])", R"({"a":[1,{"b":[null]}],"c":"d"})", R"("\u007f")",
+      "\"\x7f\"", R"(["\u0001", "\/", "\\"])", "\"\xc2\x80 \xdf\xbf \xe0\xa0\x80 \xef\xbf\xbf \xf0\x90\x80\x80 \xf4\x8f\xbf\xbf\"",
+      R"({"key with spaces":"value","k\"q":1})", "[1,[2,[3,[4,[5]]]]]", "[-9223372036854775808,9223372036854775807]",
+      "1.7976931348623157e308", "[0.1,0.2,0.30000000000000004]", R"({"a":1,"A":2})"};
+  for (const std::string& text : documents) {
+    INFO(text);
+    Json v;
+    REQUIRE_NOTHROW(v = Json::parse(text));
+    require_round_trip(v);
+  }
+}
+
+TEST_CASE("malformed documents are rejected with a reason") {
+  struct Case {
+    std::string text;
+    std::string reason;
+  };
+  const std::vector<Case> cases = {
+      // empty input and structure
+      {"", "empty input"},
+      {"   ", "expected a JSON value"},
+      {"[1,]", "trailing comma before ']'"},
+      {R"({"a":1,})", "trailing comma before '}'"},
+      {"[1 2]", "expected ',' or ']'"},
+      {R"({"a":1 "b":2})", "expected ',' or '}'"},
+      {"[,1]", "expected a value"},
+      {"[1,,2]", "expected a value"},
+      {"[1", "expected ',' or ']', got end of input"},
+      {"[", "expected a value, got end of input"},
+      {R"({"a":1)", "expected ',' or '}', got end of input"},
+      {R"({"a")", "expected ':'"},
+      {R"({"a" 1})", "expected ':'"},
+      {R"({"a":})", "expected a value"},
+      {"{1:2}", "expected a string key"},
+      {"{'a':1}", "expected a string key"},
+      {"[}", "expected a value"},
+      {R"({"a":1])", "expected ',' or '}'"},
+      {"]", "expected a value"},
+      // trailing garbage
+      {"[1]x", "after the JSON value"},
+      {"1 2", "after the JSON value"},
+      {"{}}", "after the JSON value"},
+      {std::string("1\0", 2), "after the JSON value"},
+      {"\xef\xbb\xbf[]", "expected a value"},  // a byte-order mark is not JSON
+      // numbers
+      {"01", "leading zeros"},
+      {"-01", "leading zeros"},
+      {"00", "leading zeros"},
+      {"-", "expected a digit after '-'"},
+      {"-a", "expected a digit after '-'"},
+      {"1.", "expected a digit after the decimal point"},
+      {"1.e3", "expected a digit after the decimal point"},
+      {".5", "expected a value"},
+      {"+1", "expected a value"},
+      {"1e", "expected a digit in the exponent"},
+      {"1e+", "expected a digit in the exponent"},
+      {"0x10", "after the JSON value"},
+      {"NaN", "NaN and Infinity are not JSON"},
+      {"Infinity", "NaN and Infinity are not JSON"},
+      {"-Infinity", "expected a digit after '-'"},
+      {"nan", "expected 'null'"},
+      {"1e400", "too large"},
+      // literals
+      {"tru", "expected 'true'"},
+      {"True", "expected a value"},
+      {"nul", "expected 'null'"},
+      {"fals", "expected 'false'"},
+      {"falsey", "after the JSON value"},
+      // strings: escapes
+      {R"("\x")", "invalid escape \\x"},
+      {R"("\'")", "invalid escape \\'"},
+      {R"("\u12")", "\\u escape"},
+      {R"("\u12G4")", "expected four hex digits"},
+      {R"("\)", "unterminated string"},
+      {R"("abc)", "unterminated string"},
+      {R"(")", "unterminated string"},
+      // strings: surrogates in escapes
+      {R"("\ud800")", "lone high surrogate"},
+      {R"("\ud800x")", "lone high surrogate"},
+      {R"("\ud800\u0041")", "invalid surrogate pair"},
+      {R"("\ud800\ud800")", "invalid surrogate pair"},
+      {R"("\udc00")", "lone low surrogate"},
+      {R"("\udc00\ud800")", "lone low surrogate"},  // reversed pair
+      {R"("\udfff")", "lone low surrogate"},
+      // strings: raw control characters
+      {"\"a\x01\"", "control character U+0001"},
+      {"\"a\nb\"", "control character U+000A"},
+      {"\"a\tb\"", "control character U+0009"},
+      {std::string("\"a\0b\"", 5), "control character U+0000"},
+      // strings: UTF-8
+      {"\"\xff\"", "invalid UTF-8"},
+      {"\"\xfe\"", "invalid UTF-8"},
+      {"\"\xf5\x80\x80\x80\"", "invalid UTF-8"},
+      {"\"\x80\"", "unexpected continuation byte"},
+      {"\"\xbf\"", "unexpected continuation byte"},
+      {"\"\xc0\xaf\"", "overlong"},
+      {"\"\xc1\xbf\"", "overlong"},
+      {"\"\xe0\x80\xaf\"", "overlong"},
+      {"\"\xe0\x9f\xbf\"", "overlong"},
+      {"\"\xf0\x80\x80\xaf\"", "overlong"},
+      {"\"\xf0\x8f\xbf\xbf\"", "overlong"},
+      {"\"\xed\xa0\x80\"", "surrogate"},
+      {"\"\xed\xbf\xbf\"", "surrogate"},
+      {"\"\xf4\x90\x80\x80\"", "above U+10FFFF"},
+      {"\"\xc3\"", "truncated"},
+      {"\"\xe2\x82\"", "truncated"},
+      {"\"\xf0\x9f\x98\"", "truncated"},
+      {"\"\xe2\x82", "truncated"},
+      {"\"\xc3x\"", "truncated"},
+      {"\xc3\xa9", "expected a value"},
+      // duplicate keys
+      {R"({"a":1,"a":2})", "duplicate key \"a\""},
+      {R"({"a":{"b":1,"b":1}})", "duplicate key \"b\""},
+      {R"({"x":1,"y":2,"x":{}})", "duplicate key \"x\""},
+  };
+  for (const Case& c : cases) {
+    INFO("document: " << c.text);
+    std::string message = parse_error(c.text);
+    INFO("message: " << message);
+    REQUIRE(message.find("JSON parse error at line ") == 0);
+    REQUIRE(message.find(c.reason) != std::string::npos);
+  }
+}
+
+TEST_CASE("a duplicate key is found in a large object too") {
+  std::string text = "{";
+  for (int i = 0; i < 100; ++i) text += "\"key" + std::to_string(i) + "\":" + std::to_string(i) + ",";
+  REQUIRE(Json::parse(text + "\"last\":0}").size() == 101);
+  text += "\"key42\":0}";
+  try {
+    Json::parse(text);
+    FAIL("accepted a duplicate key");
+  } catch (const aet::JsonParseError& e) {
+    REQUIRE(std::string(e.what()).find("duplicate key \"key42\"") != std::string::npos);
+    REQUIRE(e.offset() == text.rfind("\"key42\""));
+  }
+}
+
+TEST_CASE("parse errors give the byte offset, line and column") {
+  const std::string text = "[\n  1,\n  2 3]";
+  try {
+    Json::parse(text);
+    FAIL("accepted");
+  } catch (const aet::JsonParseError& e) {
+    REQUIRE(e.line() == 3);
+    REQUIRE(e.column() == 5);
+    REQUIRE(e.offset() == 11);
+    REQUIRE(text[e.offset()] == '3');
+    REQUIRE(std::string(e.what()) == "JSON parse error at line 3, column 5 (byte 11): expected ',' or ']', got '3'");
+    REQUIRE(e.reason() == "expected ',' or ']', got '3'");
+  }
+  // Columns count characters, not bytes.
+  try {
+    Json::parse("[\"\xc3\xa9\xc3\xa9\", x]");
+    FAIL("accepted");
+  } catch (const aet::JsonParseError& e) {
+    REQUIRE(e.line() == 1);
+    REQUIRE(e.column() == 8);
+    REQUIRE(e.offset() == 9);
+  }
+  REQUIRE(parse_error("{\n\"a\": 1,\n\"b\": tru\n}").find("line 3, column 6") != std::string::npos);
+  REQUIRE_THROWS_AS(Json::parse("x"), aet::JsonError);  // JsonParseError is a JsonError
+}
+
+TEST_CASE("nesting is limited to 512 levels by default") {
+  REQUIRE(Json::ParseOptions{}.max_depth == AET_DEFAULT_MAX_DEPTH);
+  REQUIRE(AET_DEFAULT_MAX_DEPTH == 512);
+  REQUIRE_NOTHROW(Json::parse(nested(512, "[", "]")));
+  REQUIRE(parse_error(nested(513, "[", "]")).find("nesting deeper than 512 levels") != std::string::npos);
+  REQUIRE_NOTHROW(Json::parse(nested(512, "{\"a\":", "}", "1")));
+  REQUIRE(parse_error(nested(513, "{\"a\":", "}", "1")).find("nesting deeper") != std::string::npos);
+  REQUIRE(parse_error("[" + nested(512, "{\"a\":", "}", "1") + "]").find("nesting deeper") != std::string::npos);
+}
+
+TEST_CASE("the nesting limit can be set") {
+  Json::ParseOptions three;
+  three.max_depth = 3;
+  REQUIRE_NOTHROW(Json::parse("[[[1]]]", three));
+  REQUIRE_NOTHROW(Json::parse("[[{}],[[]]]", three));
+  std::string message = parse_error("[[[[1]]]]", three);
+  REQUIRE(message.find("nesting deeper than 3 levels") != std::string::npos);
+  REQUIRE(message.find("(byte 3)") != std::string::npos);
+  Json::ParseOptions none;
+  none.max_depth = 0;
+  REQUIRE(Json::parse("\"scalar\"", none).is_string());
+  REQUIRE(parse_error("[]", none).find("nesting deeper than 0 levels") != std::string::npos);
+  Json::ParseOptions deep;
+  deep.max_depth = 5000;
+  REQUIRE(Json::parse(nested(5000, "[", "]"), deep).is_array());
+}
+
+TEST_CASE("100000 nested brackets are rejected without a crash") {
+  REQUIRE(parse_error(std::string(100000, '[')).find("nesting deeper") != std::string::npos);
+  REQUIRE(parse_error(nested(100000, "[", "]")).find("nesting deeper") != std::string::npos);
+  std::string objects;
+  for (int i = 0; i < 100000; ++i) objects += "{\"a\":";
+  REQUIRE(parse_error(objects).find("nesting deeper") != std::string::npos);
+}
+
+TEST_CASE("pretty printing puts members on their own lines") {
+  Json v = Json::parse(R"({"a":1,"b":[true,{"c":null}],"e":[],"f":{}})");
+  REQUIRE(v.dump(2) ==
+          "{\n"
+          "  \"a\": 1,\n"
+          "  \"b\": [\n"
+          "    true,\n"
+          "    {\n"
+          "      \"c\": null\n"
+          "    }\n"
+          "  ],\n"
+          "  \"e\": [],\n"
+          "  \"f\": {}\n"
+          "}");
+  REQUIRE(Json{1, 2}.dump(0) == "[\n1,\n2\n]");
+  REQUIRE(Json(5).dump(4) == "5");
+  REQUIRE(v.dump(-1) == R"({"a":1,"b":[true,{"c":null}],"e":[],"f":{}})");
+}
+
+TEST_CASE("dump_to appends to what is already there") {
+  std::string out = "head:";
+  Json{1, "two"}.dump_to(out);
+  REQUIRE(out == R"(head:[1,"two"])");
+}
+
+TEST_CASE("a large generated document round-trips") {
+  Json doc = Json::array();
+  for (int i = 0; i < 2000; ++i) {
+    doc.push_back(Json::object({{"id", i},
+                                {"big", std::int64_t{1} << 62 | i},
+                                {"score", i / 7.0},
+                                {"name", "n\xc3\xa9\"" + std::to_string(i) + "\\\n\xf0\x9f\x98\x80"},
+                                {"tags", {"a", i % 2 == 0, nullptr}},
+                                {"nested", Json::object({{"deep", {{i, -i * 1.5e-300}}}})}}));
+  }
+  std::string text = doc.dump();
+  Json back = Json::parse(text);
+  REQUIRE(back == doc);
+  REQUIRE(back.dump() == text);
+  REQUIRE(Json::parse(doc.dump(3)) == doc);
+  REQUIRE(back[1999]["big"].as_int() == (std::int64_t{1} << 62 | 1999));
+}
