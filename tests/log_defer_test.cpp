@@ -309,10 +309,10 @@ TEST_CASE("merge shifts the other message onto this time axis and keeps logs in 
         {{"start", start + 1.5},
          {"end", 0.5},
          {"logs", aet::Json{aet::Json{0.25, 30, "later one"}, aet::Json{0.5, 20, "later two"}}},
-         {"timers", aet::Json{aet::Json{"remote", 0.1, 0.4}}},
+         {"timers", aet::Json::array({aet::Json{"remote", 0.1, 0.4}})},
          {"data", aet::Json::object({{"remote_key", 1}, {"shared", "theirs"}})}});
     aet::Json earlier = aet::Json::object(
-        {{"start", start - 2.0}, {"end", 3.0}, {"logs", aet::Json{aet::Json{1.0, 40, "earlier"}}}});
+        {{"start", start - 2.0}, {"end", 3.0}, {"logs", aet::Json::array({aet::Json{1.0, 40, "earlier"}})}});
     log.data()["shared"] = "mine";
     log.data()["own"] = true;
     log.merge(later);
@@ -349,7 +349,7 @@ TEST_CASE("merging a message with a pid appends {\"pid\": N} to each of its entr
     aet::Json worker = aet::Json::object({{"start", log.message()["start"]},
                                           {"end", 0.001},
                                           {"pid", 4242},
-                                          {"logs", aet::Json{aet::Json{0.0, 30, "a", "b"}}}});
+                                          {"logs", aet::Json::array({aet::Json{0.0, 30, "a", "b"}})}});
     log.merge(worker);
   }
   const aet::Json& logs = delivered.at(0)["logs"];
@@ -372,7 +372,7 @@ TEST_CASE("a malformed message is refused by merge and adds nothing") {
         {{"start", 1.0}, {"logs", aet::Json{aet::Json{0.1, 30, "fine"}, aet::Json{"no time"}}}});
     REQUIRE_THROWS_AS(log.merge(bad), aet::JsonError);
     REQUIRE_THROWS_AS(log.merge(aet::Json{1, 2}), aet::JsonError);
-    REQUIRE_THROWS_AS(log.merge(aet::Json::object({{"timers", aet::Json{aet::Json{"t", 1}}}})),
+    REQUIRE_THROWS_AS(log.merge(aet::Json::object({{"timers", aet::Json::array({aet::Json{"t", 1}})}})),
                       aet::JsonError);
   }
   REQUIRE(keys_of(delivered.at(0)) == std::vector<std::string>{"start", "end"});
@@ -458,7 +458,7 @@ TEST_CASE("outside a request logger() goes nowhere, cheaply and without allocati
   log.data()["x"] = 1;
   REQUIRE(log.data().empty());
   REQUIRE(log.message().is_null());
-  log.merge(aet::Json::object({{"start", 1.0}, {"logs", aet::Json{aet::Json{0.1, 30, "m"}}}}));
+  log.merge(aet::Json::object({{"start", 1.0}, {"logs", aet::Json::array({aet::Json{0.1, 30, "m"}})}}));
   REQUIRE(log.message().is_null());
 }
 
