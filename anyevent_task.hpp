@@ -555,8 +555,9 @@ class EventHost {
   virtual void modify_io(Id id, unsigned events) = 0;
   virtual void remove_io(Id id) = 0;
   // Fires `after` seconds from now (<= 0: at the next round); one shot when
-  // repeat <= 0, else every `repeat` seconds after the first, on the
-  // deadline grid (no cumulative drift; missed periods are skipped).
+  // repeat <= 0, else every `repeat` seconds after the first, on the grid
+  // first + k * repeat: no cumulative drift, and a timer that is late (a
+  // stalled loop) fires once, then at the next grid point after now.
   virtual Id start_timer(double after, double repeat, TimerCallback callback) = 0;
   virtual void stop_timer(Id id) = 0;
 };
@@ -2537,8 +2538,7 @@ struct LoopState {
     int fd;
     unsigned events;
     std::shared_ptr<EventHost::IoCallback> callback;
-    unsigned polled_events = 0;    // what the last prepare() asked poll() for
-    std::uint64_t polled_round = 0;  // the prepare() that did
+    unsigned polled_events = 0;  // what the last prepare() asked poll() for
   };
   struct TimerEntry {
     std::int64_t deadline;
@@ -2550,8 +2550,7 @@ struct LoopState {
 
   EventHost::Id next_id = 1;
   std::uint64_t next_seq = 1;
-  std::uint64_t rounds = 0;         // prepare() calls so far
-  std::uint64_t pending_round = 0;  // the round prepared and not yet processed; 0: none
+  bool prepared = false;  // prepare() was called, process() has not consumed it
   std::map<EventHost::Id, Io> ios;  // ordered by id: dispatch in registration order
   std::map<EventHost::Id, TimerEntry> timers;
   std::map<QueueKey, EventHost::Id> queue;  // every timer by its next deadline
@@ -2571,23 +2570,21 @@ struct LoopState {
   }
 
   void dispatch_io(const pollfd* fds, std::size_t count) {
-    const std::uint64_t round = pending_round;
-    pending_round = 0;  // a second process() of the same round reports nothing
-    if (round == 0 || count == 0 || ios.empty()) return;
+    const bool fresh = std::exchange(prepared, false);  // a second process() reports nothing
+    if (!fresh || count == 0 || ios.empty()) return;
     std::unordered_map<int, short> ready;
     for (std::size_t i = 0; i < count; ++i)
       if (fds[i].revents != 0) ready[fds[i].fd] |= fds[i].revents;
     if (ready.empty()) return;
 
-    // Decide who is ready before calling anyone: interests added or widened
-    // by a callback were not polled, so they get nothing from this round.
+    // Decide who is ready before calling anyone, from what was polled: an
+    // interest added or widened since prepare() gets nothing from this round.
     struct Ready {
       EventHost::Id id;
       unsigned events;
     };
     std::vector<Ready> due;
     for (const auto& [id, io] : ios) {
-      if (io.polled_round != round) continue;
       auto it = ready.find(io.fd);
       if (it == ready.end()) continue;
       if (unsigned events = readiness(it->second, io.polled_events)) due.push_back({id, events});
@@ -2747,14 +2744,12 @@ inline void Loop::stop_timer(Id id) {
 
 inline int Loop::prepare(std::vector<pollfd>& fds) {
   auto& s = *state_;
-  const std::uint64_t round = ++s.rounds;
-  s.pending_round = round;
+  s.prepared = true;
   // One entry per fd: index of each fd's entry among those appended here.
   std::unordered_map<int, std::size_t> slot;
   for (auto& [id, io] : s.ios) {
     (void)id;
     io.polled_events = io.events;
-    io.polled_round = round;
     if (io.events == 0) continue;
     const short want = static_cast<short>(((io.events & io_read) ? POLLIN : 0) |
                                           ((io.events & io_write) ? POLLOUT : 0));
@@ -2788,7 +2783,7 @@ inline bool Loop::run_once(double timeout) {
     const int limit = detail::poll_timeout_ms(detail::delay_ns(timeout, "timeout"));
     wait = wait < 0 ? limit : std::min(wait, limit);
   } else if (fds.empty() && wait < 0) {
-    s.pending_round = 0;
+    s.prepared = false;
     return false;  // nothing could ever wake us
   }
   if (::poll(fds.data(), static_cast<nfds_t>(fds.size()), wait) < 0) {
