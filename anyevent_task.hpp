@@ -810,6 +810,7 @@ class Server {
 // that made it) lives.
 class TaskServer {
  public:
+  TaskServer() = default;  // no server: pid() is -1, stop() does nothing
   TaskServer(TaskServer&&) noexcept;
   TaskServer& operator=(TaskServer&&) noexcept;
   ~TaskServer();  // stop()
@@ -3438,12 +3439,16 @@ class Worker {
         if (worker_stop_requested) ::_exit(0);
       }
       // The stop signals are let in only inside ppoll(), atomically: a
-      // SIGTERM cannot slip in between the check and the wait.
+      // SIGTERM cannot slip in between the check and the wait. They are let
+      // in even if a handler blocked them: the worker owns them.
       sigset_t previous;
       sigprocmask(SIG_BLOCK, &stop_signals, &previous);
       if (worker_stop_requested) ::_exit(0);
+      sigset_t waiting = previous;
+      sigdelset(&waiting, SIGTERM);
+      sigdelset(&waiting, SIGINT);
       pollfd readable{conn_, POLLIN, 0};
-      int ready = ::ppoll(&readable, 1, nullptr, &previous);
+      int ready = ::ppoll(&readable, 1, nullptr, &waiting);
       int error = errno;
       sigprocmask(SIG_SETMASK, &previous, nullptr);
       if (ready < 0) {
