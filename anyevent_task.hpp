@@ -3416,12 +3416,153 @@ inline std::string ascii_only(std::string text) {
   return text;
 }
 
+// What a worker does with the messages of its connection, apart from the
+// socket: runs setup, the interface and checkout_done, and builds the
+// replies. The worker's loop and fuzz/worker_fuzz.cpp both go through
+// handle(), so the fuzzer exercises the code that serves requests.
+class WorkerRequests {
+ public:
+  // `timer` (may be null) is armed around each request.
+  WorkerRequests(const ServerOptions& options, std::string log_prefix, HungTimer* timer)
+      : options_(options), prefix_(std::move(log_prefix)), timer_(timer) {}
+
+  // One decoded message: the reply frame for a "do", an empty string for a
+  // "dn" (nothing to send). ProtocolError for what a client must not send.
+  std::string handle(Json& message) {
+    if (!message.is_array() || message.size() < 2 || !message[0].is_string())
+      throw ProtocolError("malformed message");
+    const std::string& command = message[0].as_string();
+    if (command == "do") return request(message);
+    if (command == "dn") {
+      checkout_done();
+      return {};
+    }
+    throw ProtocolError("unexpected \"" + command + "\" message from the client");
+  }
+
+ private:
+  void checkout_done() {
+    if (!options_.checkout_done) return;
+    try {
+      options_.checkout_done();
+    } catch (const std::exception& e) {
+      log_line(prefix_ + "checkout_done exception: " + e.what());
+    } catch (...) {
+      log_line(prefix_ + "checkout_done exception: unknown exception");
+    }
+  }
+
+  std::string request(Json& message) {
+    Json::Array& parts = message.as_array();
+    Json args(Json::Array(std::make_move_iterator(parts.begin() + 2),
+                          std::make_move_iterator(parts.end())));
+    bool ok = false;
+    Json result;
+    std::string error;
+    try {
+      detail::begin_request_log();
+    } catch (const std::exception& e) {
+      log_line(prefix_ + "cannot start the request log: " + e.what());
+    }
+    if (timer_) timer_->arm();
+    if (!setup_done_) {
+      try {
+        if (options_.setup) options_.setup();
+        setup_done_ = true;
+      } catch (const std::exception& e) {
+        error = std::string("setup exception: ") + e.what();
+      } catch (...) {
+        error = "setup exception: unknown exception";
+      }
+    }
+    if (setup_done_) {
+      try {
+        result = call(std::move(args));
+        ok = true;
+      } catch (const std::exception& e) {
+        error = e.what();
+      } catch (...) {
+        error = "unknown exception (not derived from std::exception)";
+      }
+    }
+    if (timer_) timer_->disarm();
+    Json log;
+    try {
+      log = detail::end_request_log();
+    } catch (const std::exception& e) {
+      log_line(prefix_ + "cannot finish the request log: " + e.what());
+    }
+    return reply(ok, std::move(log), std::move(result), std::move(error));
+  }
+
+  Json call(Json args) {
+    if (const auto* methods = std::get_if<Methods>(&options_.interface)) {
+      Json::Array& all = args.as_array();
+      if (all.empty()) throw Error("no method name: the call has no arguments");
+      if (!all[0].is_string())
+        throw Error(std::string("method name must be a string, got ") + aet::to_string(all[0].type()));
+      const std::string& name = all[0].as_string();
+      auto method = methods->find(name);
+      if (method == methods->end()) throw Error("unknown method \"" + name + "\"");
+      if (!method->second) throw Error("method \"" + name + "\" has no function");
+      Json rest(Json::Array(std::make_move_iterator(all.begin() + 1),
+                            std::make_move_iterator(all.end())));
+      return method->second(rest);
+    }
+    return std::get<CatchAll>(options_.interface)(args);
+  }
+
+  // The frame of ["ok", meta, result] or ["er", meta, error]. What JSON
+  // cannot carry becomes an error reply; a log that cannot be sent is
+  // dropped.
+  std::string reply(bool ok, Json log, Json result, std::string error) {
+    Json meta = Json::object();
+    if (!log.is_null()) meta["ld"] = std::move(log);
+    Json message = Json::array();
+    message.push_back(ok ? "ok" : "er");
+    message.push_back(std::move(meta));
+    if (ok) {
+      message.push_back(std::move(result));
+    } else {
+      message.push_back(error);
+    }
+    try {
+      return encode_frame(message);
+    } catch (const std::exception& e) {
+      Json& sent_meta = message[1];
+      if (sent_meta.contains("ld")) {
+        try {
+          sent_meta.dump();
+        } catch (const std::exception& log_error) {
+          log_line(prefix_ + "request log dropped, JSON cannot carry it: " + log_error.what());
+          sent_meta = Json::object();
+        }
+      }
+      if (ok) error = std::string("result cannot be sent as JSON: ") + e.what();
+      message[0] = "er";
+      message[2] = error;
+      try {
+        return encode_frame(message);
+      } catch (const std::exception&) {
+        return encode_frame(Json{"er", Json::object(), ascii_only(error)});
+      }
+    }
+  }
+
+  const ServerOptions& options_;
+  std::string prefix_;
+  HungTimer* timer_;
+  bool setup_done_ = false;
+};
+
 // One worker: serves the connection `conn` until EOF, then _exit(0).
 class Worker {
  public:
   Worker(const ServerOptions& options, int conn)
-      : options_(options), conn_(conn), decoder_(options.max_frame) {
-    prefix_ = "aet-worker:" + options_.name + "[" + std::to_string(::getpid()) + "]: ";
+      : options_(options),
+        conn_(conn),
+        decoder_(options.max_frame),
+        prefix_("aet-worker:" + options_.name + "[" + std::to_string(::getpid()) + "]: ") {
     if (options_.hung_worker_timeout > 0) {
       std::string line = prefix_ + "hung_worker_timeout of " +
                          format_seconds(options_.hung_worker_timeout) + " s exceeded, exiting\n";
@@ -3433,6 +3574,7 @@ class Worker {
         log_line(prefix_ + "no hung_worker_timeout: " + e.what());
       }
     }
+    requests_.emplace(options_, prefix_, timer_ ? &*timer_ : nullptr);
   }
 
   [[noreturn]] void serve_forever() {
@@ -3444,13 +3586,15 @@ class Worker {
     for (;;) {
       for (;;) {
         std::optional<Json> message;
+        std::string reply;
         try {
           message = decoder_.next();
-        } catch (const std::exception& e) {
+          if (!message) break;
+          reply = requests_->handle(*message);
+        } catch (const ProtocolError& e) {
           protocol_error(e.what());
         }
-        if (!message) break;
-        serve(*message);
+        if (!reply.empty()) send_all(reply);
         if (worker_stop_requested) ::_exit(0);
       }
       // The stop signals are let in only inside ppoll(), atomically: a
@@ -3496,128 +3640,6 @@ class Worker {
     ::_exit(1);
   }
 
-  void serve(Json& message) {
-    if (!message.is_array() || message.size() < 2 || !message[0].is_string())
-      protocol_error("malformed message");
-    const std::string& command = message[0].as_string();
-    if (command == "do") {
-      request(message);
-    } else if (command == "dn") {
-      checkout_done();
-    } else {
-      protocol_error("unexpected \"" + command + "\" message from the client");
-    }
-  }
-
-  void checkout_done() {
-    if (!options_.checkout_done) return;
-    try {
-      options_.checkout_done();
-    } catch (const std::exception& e) {
-      log_line(prefix_ + "checkout_done exception: " + e.what());
-    } catch (...) {
-      log_line(prefix_ + "checkout_done exception: unknown exception");
-    }
-  }
-
-  void request(Json& message) {
-    Json::Array& parts = message.as_array();
-    Json args(Json::Array(std::make_move_iterator(parts.begin() + 2),
-                          std::make_move_iterator(parts.end())));
-    bool ok = false;
-    Json result;
-    std::string error;
-    try {
-      detail::begin_request_log();
-    } catch (const std::exception& e) {
-      log_line(prefix_ + "cannot start the request log: " + e.what());
-    }
-    if (timer_) timer_->arm();
-    if (!setup_done_) {
-      try {
-        if (options_.setup) options_.setup();
-        setup_done_ = true;
-      } catch (const std::exception& e) {
-        error = std::string("setup exception: ") + e.what();
-      } catch (...) {
-        error = "setup exception: unknown exception";
-      }
-    }
-    if (setup_done_) {
-      try {
-        result = call(std::move(args));
-        ok = true;
-      } catch (const std::exception& e) {
-        error = e.what();
-      } catch (...) {
-        error = "unknown exception (not derived from std::exception)";
-      }
-    }
-    if (timer_) timer_->disarm();
-    Json log;
-    try {
-      log = detail::end_request_log();
-    } catch (const std::exception& e) {
-      log_line(prefix_ + "cannot finish the request log: " + e.what());
-    }
-    reply(ok, std::move(log), std::move(result), std::move(error));
-  }
-
-  Json call(Json args) {
-    if (const auto* methods = std::get_if<Methods>(&options_.interface)) {
-      Json::Array& all = args.as_array();
-      if (all.empty()) throw Error("no method name: the call has no arguments");
-      if (!all[0].is_string())
-        throw Error(std::string("method name must be a string, got ") + aet::to_string(all[0].type()));
-      const std::string& name = all[0].as_string();
-      auto method = methods->find(name);
-      if (method == methods->end()) throw Error("unknown method \"" + name + "\"");
-      if (!method->second) throw Error("method \"" + name + "\" has no function");
-      Json rest(Json::Array(std::make_move_iterator(all.begin() + 1),
-                            std::make_move_iterator(all.end())));
-      return method->second(rest);
-    }
-    return std::get<CatchAll>(options_.interface)(args);
-  }
-
-  // Sends ["ok", meta, result] or ["er", meta, error]. What JSON cannot
-  // carry becomes an error reply; a log that cannot be sent is dropped.
-  void reply(bool ok, Json log, Json result, std::string error) {
-    Json meta = Json::object();
-    if (!log.is_null()) meta["ld"] = std::move(log);
-    Json message = Json::array();
-    message.push_back(ok ? "ok" : "er");
-    message.push_back(std::move(meta));
-    if (ok) {
-      message.push_back(std::move(result));
-    } else {
-      message.push_back(error);
-    }
-    std::string frame;
-    try {
-      frame = encode_frame(message);
-    } catch (const std::exception& e) {
-      Json& sent_meta = message[1];
-      if (sent_meta.contains("ld")) {
-        try {
-          sent_meta.dump();
-        } catch (const std::exception& log_error) {
-          log_line(prefix_ + "request log dropped, JSON cannot carry it: " + log_error.what());
-          sent_meta = Json::object();
-        }
-      }
-      if (ok) error = std::string("result cannot be sent as JSON: ") + e.what();
-      message[0] = "er";
-      message[2] = error;
-      try {
-        frame = encode_frame(message);
-      } catch (const std::exception&) {
-        frame = encode_frame(Json{"er", Json::object(), ascii_only(error)});
-      }
-    }
-    send_all(frame);
-  }
-
   void send_all(const std::string& bytes) {
     const char* data = bytes.data();
     std::size_t left = bytes.size();
@@ -3638,8 +3660,8 @@ class Worker {
   int conn_;
   FrameDecoder decoder_;
   std::string prefix_;
-  bool setup_done_ = false;
   std::optional<HungTimer> timer_;
+  std::optional<WorkerRequests> requests_;  // after timer_, which it points to
 };
 
 // The freshly forked child of the master: becomes a worker for `conn`.
