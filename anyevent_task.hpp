@@ -79,6 +79,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <random>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -884,6 +885,11 @@ struct ClientOptions {
   // the checkout fails with TimeoutError. aet::forever: no limit.
   double timeout = 30;
   unsigned max_checkouts = 0;           // checkouts a worker serves; 0: unlimited
+  // Spreads the recycling of workers started together: each worker's own
+  // limit is drawn uniformly from the integers in [max_checkouts * (1 - j),
+  // max_checkouts * (1 + j)], at least 1. From 0 (every worker serves
+  // exactly max_checkouts) to 1.
+  double max_checkouts_jitter = 0;
   bool dont_refork_after_error = false;  // keep a worker whose checkout got an error reply
   std::size_t max_frame = default_max_frame;  // largest reply accepted
   std::size_t max_pending_checkouts = 0;  // checkouts not yet served; 0: unlimited
@@ -4175,6 +4181,24 @@ inline std::string encode_call(const std::optional<std::string>& method, Json ar
 
 struct CheckoutCore;
 
+// A worker's own max_checkouts (see ClientOptions::max_checkouts_jitter):
+// uniform over the integers in [max * (1 - jitter), max * (1 + jitter)],
+// at least 1; 0 (unlimited) stays 0.
+inline unsigned draw_checkout_limit(unsigned max_checkouts, double jitter, std::minstd_rand& random) {
+  if (max_checkouts == 0 || !(jitter > 0)) return max_checkouts;
+  const double most = static_cast<double>(std::numeric_limits<unsigned>::max());
+  const double low = std::max(1.0, std::ceil(max_checkouts * (1 - jitter)));
+  const double high = std::min(most, std::max(low, std::floor(max_checkouts * (1 + jitter))));
+  std::uniform_int_distribution<unsigned> pick(static_cast<unsigned>(low), static_cast<unsigned>(high));
+  return pick(random);
+}
+
+inline std::minstd_rand::result_type random_seed(const void* salt) {
+  const auto now = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+  const auto mixed = now ^ static_cast<std::uint64_t>(::getpid()) << 32 ^ reinterpret_cast<std::uintptr_t>(salt);
+  return static_cast<std::minstd_rand::result_type>(mixed % 2147483646u + 1);  // never 0
+}
+
 // One connection to the server, that is one worker process.
 struct ClientWorker {
   explicit ClientWorker(std::size_t max_frame) : decoder(max_frame) {}
@@ -4200,6 +4224,7 @@ struct ClientWorker {
   FrameDecoder decoder;
   CheckoutCore* checkout = nullptr;  // the checkout holding it, if any
   unsigned served = 0;               // checkouts released cleanly
+  unsigned checkout_limit = 0;       // its own max_checkouts; 0: unlimited
   std::list<std::shared_ptr<ClientWorker>>::iterator position;  // in ClientState::workers
 };
 
@@ -4251,7 +4276,12 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
         name(options.name.empty() ? options.connect : options.name),
         address(resolve_client_address(options.connect)),
         done_frame(encode_frame(Json{"dn", Json::object()})),
-        read_buffer(64 * 1024) {}
+        read_buffer(64 * 1024),
+        random(random_seed(this)) {
+    const double jitter = options.max_checkouts_jitter;
+    if (!(jitter >= 0 && jitter <= 1))
+      throw Error("aet::Client: max_checkouts_jitter must be from 0 to 1");
+  }
   ClientState(const ClientState&) = delete;
   ClientState& operator=(const ClientState&) = delete;
   ~ClientState() { shutdown(); }
@@ -4262,6 +4292,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   ClientAddress address;
   std::string done_frame;
   std::vector<char> read_buffer;  // shared by every worker: reads never overlap
+  std::minstd_rand random;        // draws each worker's checkout limit
   bool closed = false;
   std::list<std::shared_ptr<ClientWorker>> workers;  // connected or connecting
   std::size_t connecting = 0;
@@ -4358,6 +4389,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   // -1: failed at once; 0: connecting; 1: connected and idle.
   int connect_worker() {
     auto worker = std::make_shared<ClientWorker>(options.max_frame);
+    worker->checkout_limit = draw_checkout_limit(options.max_checkouts, options.max_checkouts_jitter, random);
     const int fd = ::socket(address.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) return -1;
     worker->fd = fd;
@@ -4752,7 +4784,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       bool reuse = !worker->broken && !(core->had_error && !options.dont_refork_after_error);
       if (reuse) {
         ++worker->served;
-        if (options.max_checkouts != 0 && worker->served >= options.max_checkouts) reuse = false;
+        if (worker->checkout_limit != 0 && worker->served >= worker->checkout_limit) reuse = false;
       }
       if (reuse) {
         std::string frame = done_frame;

@@ -336,6 +336,9 @@ class FakeWorkers {
       if (fd_ >= 0) ::close(fd_);
       fd_ = -1;
     }
+    // Closes the connection as soon as the client sends anything more, with
+    // that unread: the client's writes then meet a closed socket.
+    void close_on_next_bytes() { close_on_next_bytes_ = true; }
     bool open() const { return fd_ >= 0; }
     bool peer_closed() const { return peer_closed_; }
     std::size_t requests() const { return requests_; }
@@ -353,6 +356,10 @@ class FakeWorkers {
       if (fd_ >= 0 && (events & aet::io_read)) read_all();
     }
     void read_all() {
+      if (close_on_next_bytes_) {
+        close();
+        return;
+      }
       char buffer[65536];
       ssize_t n = ::recv(fd_, buffer, sizeof buffer, MSG_DONTWAIT);
       if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
@@ -407,6 +414,7 @@ class FakeWorkers {
     std::string out_;
     std::size_t sent_ = 0;
     bool finish_after_flush_ = false;
+    bool close_on_next_bytes_ = false;
     bool peer_closed_ = false;
     std::size_t requests_ = 0, dones_ = 0;
   };
