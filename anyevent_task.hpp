@@ -750,15 +750,17 @@ using Interface = std::variant<Methods, CatchAll>;
 // Process titles (prctl PR_SET_NAME, shown by ps and /proc/PID/comm) are
 // "aet-server:NAME" and "aet-worker:NAME", cut to the 15 bytes Linux keeps:
 // "aet-worker:hasher" reads "aet-worker:hash". Log lines carry the full name.
+// Every member has a default, so brace and designated initialisers that
+// name only some of them compile warning-free under -Wextra.
 struct ServerOptions {
-  std::string listen;                 // "unix:PATH", "tcp:HOST:PORT", "tcp:[V6]:PORT"
+  std::string listen{};               // "unix:PATH", "tcp:HOST:PORT", "tcp:[V6]:PORT"
   std::string name = "aet";           // in process titles and log lines
-  std::function<void()> setup;        // once per worker, lazily, retried after a throw
-  std::function<void()> checkout_done;  // a checkout was released normally ("dn")
+  std::function<void()> setup{};      // once per worker, lazily, retried after a throw
+  std::function<void()> checkout_done{};  // a checkout was released normally ("dn")
   // Seconds one request (setup included) may run; the worker then exits:
   // SIGALRM first (logged), SIGKILL one second later. 0: no limit.
   double hung_worker_timeout = 300;
-  Interface interface;                // method table or catch-all
+  Interface interface{};              // method table or catch-all
   unsigned socket_mode = 0600;        // Unix socket file permissions, exactly
   std::size_t max_frame = default_max_frame;
 };
