@@ -70,7 +70,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <deque>
 #include <exception>
 #include <functional>
 #include <initializer_list>
@@ -4137,6 +4136,10 @@ inline std::string encode_call(const std::optional<std::string>& method, Json ar
   return encode_frame(Json(std::move(message)));
 }
 
+// A list, not a deque: an empty one allocates nothing, and a pending
+// checkout holds two.
+using CallQueue = std::list<ClientCall>;
+
 struct CheckoutCore;
 
 // One connection to the server, that is one worker process.
@@ -4179,7 +4182,7 @@ struct CheckoutCore {
   bool queued = false;                  // waiting for a worker
   std::list<CheckoutCore*>::iterator queue_position;
   ClientWorker* worker = nullptr;
-  std::deque<ClientCall> calls;  // the front one is on the wire when in_flight
+  CallQueue calls;  // the front one is on the wire when in_flight
   bool in_flight = false;
   double timeout = forever;
   Timer timeout_timer;
@@ -4189,7 +4192,7 @@ struct CheckoutCore {
   bool failed = false;     // for good: later calls get `fatal`
   bool fatal_is_timeout = false;
   std::string fatal;
-  std::deque<ClientCall> doomed;  // calls to fail with `fatal`, from the loop
+  CallQueue doomed;  // calls to fail with `fatal`, from the loop
   Timer doomed_timer;
 
   std::exception_ptr fatal_error() const {
@@ -4532,7 +4535,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       return;
     }
     core->had_error = true;
-    std::deque<ClientCall> discarded = std::move(core->calls);
+    CallQueue discarded = std::move(core->calls);
     core->calls.clear();
     const std::string text = payload.is_string() ? payload.as_string() : payload.dump();
     deliver_error(core, std::move(call), std::make_exception_ptr(RemoteError(text)),
@@ -4585,7 +4588,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   // call that gets the error (the one in flight, else the first queued);
   // the others go to `discarded`.
   std::optional<ClientCall> doom(CheckoutCore& core, bool timeout, const std::string& message,
-                                 std::deque<ClientCall>& discarded) {
+                                 CallQueue& discarded) {
     core.failed = true;
     core.fatal_is_timeout = timeout;
     core.fatal = message;
@@ -4606,7 +4609,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
 
   // A fatal error seen from the loop: delivered now.
   void fail(const std::shared_ptr<CheckoutCore>& core, bool timeout, const std::string& message) {
-    std::deque<ClientCall> discarded;
+    CallQueue discarded;
     std::optional<ClientCall> target = doom(*core, timeout, message, discarded);
     pump();
     if (target) {
@@ -4645,7 +4648,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
 
   void throw_fatal_error(const std::shared_ptr<CheckoutCore>& core, const std::string& message) {
     if (core->failed) return;  // the first error sticks
-    std::deque<ClientCall> discarded;
+    CallQueue discarded;
     std::optional<ClientCall> target = doom(*core, false, message, discarded);
     if (target) doom_later(core, std::move(*target));
     pump();
@@ -4657,10 +4660,10 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   // checkout lets its LogDefer go; one with nothing left is released.
   // Discarded calls are destroyed after the delivery, not before it.
   struct SettleGuard {
-    SettleGuard(std::shared_ptr<CheckoutCore> settled, std::deque<ClientCall> dropped)
+    SettleGuard(std::shared_ptr<CheckoutCore> settled, CallQueue dropped)
         : core(std::move(settled)), discarded(std::move(dropped)) {}
     std::shared_ptr<CheckoutCore> core;
-    std::deque<ClientCall> discarded;
+    CallQueue discarded;
     SettleGuard(const SettleGuard&) = delete;
     SettleGuard& operator=(const SettleGuard&) = delete;
     ~SettleGuard() {
@@ -4685,7 +4688,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   }
 
   void deliver_error(std::shared_ptr<CheckoutCore> core, ClientCall call, std::exception_ptr error,
-                     std::deque<ClientCall> discarded) {
+                     CallQueue discarded) {
     SettleGuard settle(std::move(core), std::move(discarded));
     ClientCall delivered = std::move(call);  // goes before the guard: it may hold the last handle
     delivered.context.raise(std::move(error));
