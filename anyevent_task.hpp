@@ -4497,7 +4497,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   void on_reply(const std::shared_ptr<ClientWorker>& worker, Json message) {
     CheckoutCore* holder = worker->checkout;
     if (!holder || !holder->in_flight) {
-      worker_failed(worker, "protocol error: unexpected reply from an idle worker");
+      worker_failed(worker, "protocol error: a reply with no call in flight");
       return;
     }
     if (!message.is_array() || message.size() < 3 || !message[0].is_string() ||
