@@ -900,14 +900,24 @@ struct ClientState;
 // A handle on one checkout; copies share it. The worker is held from when
 // the checkout is served until the last handle goes and nothing is pending
 // (queued calls keep the checkout alive, so client.checkout().call(...) on
-// a temporary works). Calls run in order, one at a time. Each callback is
-// wrapped in a frame named "CLIENT_NAME -> METHOD" ("-> ->()" for a plain
-// call) made inside the caller's frame, unless it is already framed; its
-// result comes through that frame, and so does its error, raised there:
+// a temporary works). Calls run in order, one at a time.
+//
+// Each callback is wrapped, when queued, in a frame named
+// "CLIENT_NAME -> METHOD" ("CLIENT_NAME -> ->()" for a plain call) made
+// inside the caller's current frame, unless it is already framed (then its
+// own frame is used). The result comes through that frame, so what the
+// callback throws reaches its catchers; an error is raised there too:
 // RemoteError for the worker's error reply, CheckoutError (TimeoutError)
-// when the checkout failed for good. Callbacks run only from the loop,
-// never inside call(). After an error the other queued calls are dropped
-// without running. Once the Client is gone, calls throw aet::Error.
+// when the checkout failed for good. With no catcher it propagates out of
+// the loop. Callbacks run only from the loop, never inside call(). After an
+// error the other queued calls are dropped without running. The callback's
+// Checkout& may queue more calls. Once the Client is gone, calls throw
+// aet::Error("client is gone").
+//
+// With CheckoutOptions::log_defer, each call is timed in it under its
+// method name ("->()" for a plain call) from send to reply, and the log a
+// worker sends back (meta "ld") is merged into it. The checkout lets its
+// copy go when released, or as soon as it fails for good.
 class Checkout {
  public:
   using Callback = std::function<void(Checkout& checkout, Json result)>;
@@ -941,8 +951,21 @@ class Checkout {
 };
 
 // The pool of worker connections to one server, and its checkouts. It uses
-// the event loop only through EventHost, which must outlive it. Destroying
-// it closes every worker and discards pending checkouts and calls silently.
+// the event loop only through EventHost, which must outlive it.
+//
+// Workers are connecting, idle or held by a checkout. A new one is connected
+// while fewer than min_workers exist, or when a checkout with a call waits,
+// none is idle and fewer than max_workers exist (connecting ones count).
+// A failed connect is retried every 0.2 s while there is such demand, so
+// checkouts made before the server is up are served once it is, within
+// their timeout. An idle worker that dies is dropped at once and replaced
+// as needed. A worker is closed, never reused, after a fatal error on its
+// checkout, after an error reply (unless dont_refork_after_error), or once
+// it served max_checkouts; otherwise a released checkout sends "dn" and
+// its worker goes back to the pool.
+//
+// Destroying the client closes every worker and discards pending
+// checkouts and calls silently (their callbacks never run).
 class Client {
  public:
   // Resolves the address (throws aet::Error for a bad one) and starts
