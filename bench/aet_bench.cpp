@@ -97,6 +97,9 @@ pid_t spawn_raw_echo(int fd, const std::string& reply) {
   pid_t pid = fork();
   if (pid < 0) die("fork");
   if (pid == 0) {
+    // Keep only our end: a peer end held here would hide the parent's close.
+    for (int other = 3; other < 4096; ++other)
+      if (other != fd) close(other);
     std::string body;
     while (read_frame(fd, body)) {
       if (body.compare(0, 5, "[\"dn\"") == 0) continue;

@@ -385,6 +385,51 @@ TEST_CASE("a hang-up wakes both a reader and a writer") {
   CHECK(writer_saw == aet::io_write);
 }
 
+TEST_CASE("poll results map to io events per interest") {
+  aet::Loop loop;
+  Pipe pipe;  // the fd only needs to exist: the readiness is made up
+  struct Case {
+    short revents;
+    unsigned reader, writer, both;
+  };
+  const Case cases[] = {
+      {POLLIN, aet::io_read, 0, aet::io_read},
+      {POLLOUT, 0, aet::io_write, aet::io_write},
+      {POLLHUP, aet::io_read, aet::io_write, aet::io_read | aet::io_write},
+      {POLLERR, aet::io_read, aet::io_write, aet::io_read | aet::io_write},
+      {POLLNVAL, aet::io_read, aet::io_write, aet::io_read | aet::io_write},
+      {POLLPRI, 0, 0, 0},
+  };
+  unsigned reader = 0, writer = 0, both = 0;
+  aet::IoWatcher r = loop.io(pipe.read_end, aet::io_read, [&](unsigned e) { reader = e; });
+  aet::IoWatcher w = loop.io(pipe.read_end, aet::io_write, [&](unsigned e) { writer = e; });
+  aet::IoWatcher b = loop.io(pipe.read_end, aet::io_read | aet::io_write, [&](unsigned e) { both = e; });
+  for (const Case& c : cases) {
+    reader = writer = both = 0;
+    std::vector<pollfd> fds = prepared(loop);
+    REQUIRE(fds.size() == 1);
+    fds[0].revents = c.revents;
+    loop.process(fds);
+    CHECK(reader == c.reader);
+    CHECK(writer == c.writer);
+    CHECK(both == c.both);
+  }
+}
+
+TEST_CASE("watchers on a descriptor closed under them are woken, not left spinning") {
+  aet::Loop loop;
+  int fds[2];
+  REQUIRE(pipe2(fds, O_CLOEXEC | O_NONBLOCK) == 0);
+  unsigned reader = 0, writer = 0;
+  aet::IoWatcher r = loop.io(fds[0], aet::io_read, [&](unsigned e) { reader = e; });
+  aet::IoWatcher w = loop.io(fds[1], aet::io_write, [&](unsigned e) { writer = e; });
+  close(fds[0]);
+  close(fds[1]);  // poll reports POLLNVAL for both
+  REQUIRE(loop.run_once(1));
+  CHECK(reader == aet::io_read);
+  CHECK(writer == aet::io_write);
+}
+
 TEST_CASE("several watchers on one fd each get their own events") {
   aet::Loop loop;
   int sock[2];

@@ -195,6 +195,15 @@ aet::Methods test_methods() {
          return Json("blocked");
        }},
       {"big", [](const Json&) { return Json(std::string(16 << 20, 'x')); }},
+      {"run_inner_server",
+       [](const Json& args) {
+         aet::ServerOptions inner;
+         inner.listen = args[0].as_string();
+         aet::Server server(inner);
+         server.stop();
+         server.run();
+         return Json("ran");
+       }},
       {"setup_attempts", [](const Json&) { return Json(setup_attempts); }},
       {"checkouts_done", [](const Json&) { return Json(checkouts_done); }},
       {"log",
@@ -481,14 +490,14 @@ TEST_CASE("a handler that blocks every signal and spins is killed after hung_wor
 TEST_CASE("requests shorter than hung_worker_timeout never trip it, however many") {
   TempDir dir;
   aet::ServerOptions options = options_for(dir.unix_address());
-  options.hung_worker_timeout = 0.2;
+  options.hung_worker_timeout = 0.3;
   auto server = aet::fork_task_server(options);
   Wire wire(server.address());
   Json pid = wire.result(args({"pid"}));
   const double start = monotonic_now();
-  while (monotonic_now() - start < 0.5) CHECK(wire.result(args({"sleep", 0.02})) == "slept");
+  while (monotonic_now() - start < 0.7) CHECK(wire.result(args({"sleep", 0.02})) == "slept");
   // Idle for longer than the timeout: the timer is disarmed between requests.
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));
   CHECK(wire.result(args({"pid"})) == pid);
 }
 
@@ -534,6 +543,16 @@ TEST_CASE("a worker holds only descriptors 0, 1, 2 and its connection") {
   CHECK(numbers.count(1) == 1);
   CHECK(numbers.count(2) == 1);
   CHECK(sockets == 1);
+}
+
+TEST_CASE("with descriptor 0 closed, the server puts /dev/null there, not a socket of its own") {
+  TempDir dir;
+  int status = exit_status_of_child([&] {
+    ::close(0);
+    aet::Server server(options_for(dir.unix_address()));
+    return proc_fd_target("0") == "/dev/null" ? 0 : 1;
+  });
+  CHECK(status == 0);
 }
 
 TEST_CASE("a hundred concurrent connections get a hundred workers, all reaped after") {
@@ -726,7 +745,7 @@ TEST_CASE("the socket file is removed when the server goes") {
 
 // ---- stopping ----
 
-TEST_CASE("stop() before run() makes run() return at once, with signal dispositions restored") {
+TEST_CASE("stop() before run() makes run() return at once, with signal dispositions restored; run() runs once") {
   TempDir dir;
   const std::string path = dir.file("s.sock");
   int status = exit_status_of_child([&] {
@@ -743,6 +762,11 @@ TEST_CASE("stop() before run() makes run() return at once, with signal dispositi
     sigaction(SIGCHLD, nullptr, &now);
     if (now.sa_handler != SIG_DFL) return 3;
     if (path_exists(path)) return 4;
+    try {
+      server.run();
+      return 5;
+    } catch (const aet::ServerError&) {
+    }
     return 0;
   });
   CHECK(status == 0);
@@ -828,6 +852,14 @@ TEST_CASE("an idle worker exits on SIGTERM even after its handler blocked SIGTER
   CHECK(wire.result(args({"block_sigterm"})) == "blocked");
   ::kill(pid, SIGTERM);
   CHECK(wire.closes_within(2));
+}
+
+TEST_CASE("a worker can run a server of its own") {
+  TempDir dir;
+  auto server = aet::fork_task_server(options_for(dir.unix_address()));
+  Wire wire(server.address());
+  CHECK(wire.result(args({"run_inner_server", dir.unix_address("inner.sock")})) == "ran");
+  CHECK(wire.result(args({"echo", 1})) == Json::array({1}));
 }
 
 TEST_CASE("a fork_task_server ends when its handle is dropped") {
