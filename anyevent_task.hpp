@@ -73,16 +73,19 @@
 #include <exception>
 #include <functional>
 #include <initializer_list>
+#include <iterator>
 #include <limits>
 #include <list>
 #include <map>
 #include <memory>
+#include <new>
 #include <optional>
 #include <set>
 #include <stdexcept>
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <tuple>
 #include <type_traits>
 #include <unordered_map>
 #include <utility>
@@ -281,6 +284,376 @@ class JsonParseError : public JsonError {
 namespace detail {
 class JsonParser;
 class JsonWriter;
+
+// A slab the parser carves a document's containers and strings from, so a
+// parse costs a few allocations instead of one per value. Each block in it
+// holds one reference; the slab is freed when the last block goes, from
+// whichever thread. A value kept from a parsed document therefore keeps its
+// slab (at most 64 KiB) alive; a copy (Json(v)) owns its memory alone.
+struct JsonChunk {
+  explicit JsonChunk(std::size_t initial) noexcept : references(initial) {}
+  std::atomic<std::size_t> references;
+  void release() noexcept {
+    if (references.fetch_sub(1, std::memory_order_acq_rel) == 1) ::operator delete(this);
+  }
+};
+
+// The payload of a string value: the text, and the slab it lives in
+// (nullptr when it was allocated on its own).
+struct JsonString {
+  std::string text;
+  JsonChunk* chunk;
+};
+inline std::uint64_t double_bits(double d) noexcept {
+  std::uint64_t bits;
+  std::memcpy(&bits, &d, sizeof bits);
+  return bits;
+}
+inline std::uint64_t pointer_bits(const void* p) noexcept {
+  return static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(p));
+}
+inline JsonString* new_json_string(std::string text) { return new JsonString{std::move(text), nullptr}; }
+inline void delete_json_string(JsonString* s) noexcept {
+  if (JsonChunk* chunk = s->chunk) {
+    s->~JsonString();
+    chunk->release();
+  } else {
+    delete s;
+  }
+}
+
+// The storage of Json::Array and Json::Object: the interface of std::vector
+// (what a user of one expects), but the size, the capacity and the elements
+// share one heap block, and the handle is one pointer. A Json holds this
+// handle in place, so an array costs one allocation and one indirection,
+// where a std::vector behind a pointer costs two of each.
+template <class T>
+class JsonVector {
+ public:
+  using value_type = T;
+  using size_type = std::size_t;
+  using difference_type = std::ptrdiff_t;
+  using reference = T&;
+  using const_reference = const T&;
+  using pointer = T*;
+  using const_pointer = const T*;
+  using iterator = T*;
+  using const_iterator = const T*;
+  using reverse_iterator = std::reverse_iterator<iterator>;
+  using const_reverse_iterator = std::reverse_iterator<const_iterator>;
+
+  JsonVector() noexcept = default;
+  explicit JsonVector(size_type n) {
+    guard([&] { resize(n); });
+  }
+  JsonVector(size_type n, const T& value) {
+    guard([&] { resize(n, value); });
+  }
+  template <class It, class = typename std::iterator_traits<It>::iterator_category>
+  JsonVector(It first, It last) {
+    guard([&] { append(first, last); });
+  }
+  JsonVector(std::initializer_list<T> init) : JsonVector(init.begin(), init.end()) {}
+  JsonVector(const JsonVector& other) : JsonVector(other.begin(), other.end()) {}
+  JsonVector(JsonVector&& other) noexcept : block_(other.block_) { other.block_ = nullptr; }
+  JsonVector& operator=(const JsonVector& other) {
+    if (this != &other) {
+      JsonVector copy(other);
+      swap(copy);
+    }
+    return *this;
+  }
+  JsonVector& operator=(JsonVector&& other) noexcept {
+    JsonVector taken(std::move(other));
+    swap(taken);
+    return *this;
+  }
+  JsonVector& operator=(std::initializer_list<T> init) {
+    JsonVector copy(init);
+    swap(copy);
+    return *this;
+  }
+  ~JsonVector() { release(); }
+
+  template <class It, class = typename std::iterator_traits<It>::iterator_category>
+  void assign(It first, It last) {
+    JsonVector copy(first, last);
+    swap(copy);
+  }
+  void assign(size_type n, const T& value) {
+    JsonVector copy(n, value);
+    swap(copy);
+  }
+  void assign(std::initializer_list<T> init) { *this = init; }
+
+  iterator begin() noexcept { return data(); }
+  const_iterator begin() const noexcept { return data(); }
+  const_iterator cbegin() const noexcept { return data(); }
+  iterator end() noexcept { return data() + size(); }
+  const_iterator end() const noexcept { return data() + size(); }
+  const_iterator cend() const noexcept { return data() + size(); }
+  reverse_iterator rbegin() noexcept { return reverse_iterator(end()); }
+  const_reverse_iterator rbegin() const noexcept { return const_reverse_iterator(end()); }
+  const_reverse_iterator crbegin() const noexcept { return const_reverse_iterator(end()); }
+  reverse_iterator rend() noexcept { return reverse_iterator(begin()); }
+  const_reverse_iterator rend() const noexcept { return const_reverse_iterator(begin()); }
+  const_reverse_iterator crend() const noexcept { return const_reverse_iterator(begin()); }
+
+  size_type size() const noexcept { return block_ ? block_->size : 0; }
+  size_type capacity() const noexcept { return block_ ? block_->capacity : 0; }
+  bool empty() const noexcept { return size() == 0; }
+  static constexpr size_type max_size() noexcept {
+    return (static_cast<size_type>(PTRDIFF_MAX) - 3 * sizeof(size_type)) / sizeof(T);
+  }
+  T* data() noexcept { return block_ ? items(block_) : nullptr; }
+  const T* data() const noexcept { return block_ ? items(block_) : nullptr; }
+
+  T& operator[](size_type i) noexcept { return data()[i]; }
+  const T& operator[](size_type i) const noexcept { return data()[i]; }
+  T& at(size_type i) {
+    if (i >= size()) throw std::out_of_range("JsonVector::at");
+    return data()[i];
+  }
+  const T& at(size_type i) const {
+    if (i >= size()) throw std::out_of_range("JsonVector::at");
+    return data()[i];
+  }
+  T& front() noexcept { return data()[0]; }
+  const T& front() const noexcept { return data()[0]; }
+  T& back() noexcept { return data()[size() - 1]; }
+  const T& back() const noexcept { return data()[size() - 1]; }
+
+  void reserve(size_type n) {
+    if (n > capacity()) reallocate(n);
+  }
+  void shrink_to_fit() {
+    if (size() == 0) release();
+    else if (capacity() > size()) reallocate(size());
+  }
+  void clear() noexcept {
+    if (!block_) return;
+    destroy(items(block_), items(block_) + block_->size);
+    block_->size = 0;
+  }
+
+  void push_back(const T& value) { emplace_back(value); }
+  void push_back(T&& value) { emplace_back(std::move(value)); }
+  template <class... Args>
+  T& emplace_back(Args&&... args) {
+    if (size() < capacity()) {
+      T* slot = items(block_) + block_->size;
+      ::new (static_cast<void*>(slot)) T(std::forward<Args>(args)...);
+      ++block_->size;
+      return *slot;
+    }
+    return grow_and_emplace(size(), std::forward<Args>(args)...);
+  }
+  void pop_back() noexcept {
+    --block_->size;
+    items(block_)[block_->size].~T();
+  }
+
+  void resize(size_type n) {
+    if (n <= size()) return erase_tail(n);
+    reserve(n);
+    while (size() < n) emplace_back();
+  }
+  void resize(size_type n, const T& value) {
+    if (n <= size()) return erase_tail(n);
+    const T copy(value);  // value may be one of ours
+    reserve(n);
+    while (size() < n) emplace_back(copy);
+  }
+
+  template <class... Args>
+  iterator emplace(const_iterator position, Args&&... args) {
+    const size_type index = static_cast<size_type>(position - begin());
+    const size_type n = size();
+    if (index == n) {
+      emplace_back(std::forward<Args>(args)...);
+    } else if (n == capacity()) {
+      grow_and_emplace(index, std::forward<Args>(args)...);
+    } else {
+      T value(std::forward<Args>(args)...);  // before moving: args may refer to ours
+      T* d = items(block_);
+      ::new (static_cast<void*>(d + n)) T(std::move(d[n - 1]));
+      ++block_->size;
+      std::move_backward(d + index, d + n - 1, d + n);
+      d[index] = std::move(value);
+    }
+    return begin() + index;
+  }
+  iterator insert(const_iterator position, const T& value) { return emplace(position, value); }
+  iterator insert(const_iterator position, T&& value) { return emplace(position, std::move(value)); }
+  iterator insert(const_iterator position, size_type count, const T& value) {
+    return insert_all(position, JsonVector(count, value));
+  }
+  template <class It, class = typename std::iterator_traits<It>::iterator_category>
+  iterator insert(const_iterator position, It first, It last) {
+    return insert_all(position, JsonVector(first, last));
+  }
+  iterator insert(const_iterator position, std::initializer_list<T> init) {
+    return insert_all(position, JsonVector(init));
+  }
+
+  iterator erase(const_iterator position) { return erase(position, position + 1); }
+  iterator erase(const_iterator first, const_iterator last) {
+    T* d = data();
+    const size_type from = static_cast<size_type>(first - d);
+    const size_type to = static_cast<size_type>(last - d);
+    if (from != to) {
+      std::move(d + to, d + size(), d + from);
+      erase_tail(size() - (to - from));
+    }
+    return d + from;
+  }
+
+  void swap(JsonVector& other) noexcept { std::swap(block_, other.block_); }
+  friend void swap(JsonVector& a, JsonVector& b) noexcept { a.swap(b); }
+
+  friend bool operator==(const JsonVector& a, const JsonVector& b) {
+    return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+  }
+  friend bool operator!=(const JsonVector& a, const JsonVector& b) { return !(a == b); }
+
+ private:
+  friend class JsonParser;
+  struct Header {
+    size_type size;
+    size_type capacity;
+    JsonChunk* chunk;  // the parser's slab it lives in, or nullptr
+  };
+  static constexpr std::size_t block_bytes(size_type capacity) noexcept {
+    return sizeof(Header) + capacity * sizeof(T);
+  }
+  explicit JsonVector(Header* block) noexcept : block_(block) {}
+  static void deallocate(Header* block) noexcept {
+    if (JsonChunk* chunk = block->chunk) {
+      block->~Header();
+      chunk->release();
+    } else {
+      ::operator delete(block);
+    }
+  }
+
+  static T* items(Header* block) noexcept {
+    return static_cast<T*>(static_cast<void*>(reinterpret_cast<unsigned char*>(block) + sizeof(Header)));
+  }
+  static Header* allocate(size_type capacity) {
+    static_assert(alignof(T) <= alignof(std::max_align_t), "over-aligned element");
+    static_assert(sizeof(Header) % alignof(T) == 0, "elements follow the header");
+    if (capacity > max_size()) throw std::length_error("JsonVector: too many elements");
+    void* raw = ::operator new(block_bytes(capacity));
+    return ::new (raw) Header{0, capacity, nullptr};
+  }
+  static void destroy(T* first, T* last) noexcept {
+    // Each element may own memory elsewhere: start loading a few ahead.
+    for (T* ahead = first + 4; first != last; ++first, ++ahead) {
+      if (ahead < last) prefetch_payload(*ahead);
+      first->~T();
+    }
+  }
+  // Moves [first, last) into raw memory at out and ends the originals.
+  static void relocate(T* first, T* last, T* out) noexcept {
+    static_assert(std::is_nothrow_move_constructible_v<T>, "elements move without throwing");
+    for (; first != last; ++first, ++out) {
+      ::new (static_cast<void*>(out)) T(std::move(*first));
+      first->~T();
+    }
+  }
+  size_type grown_capacity(size_type needed) const {
+    const size_type doubled = capacity() * 2;
+    return std::max({doubled, needed, size_type{4}});
+  }
+  void reallocate(size_type capacity) {
+    Header* fresh = allocate(capacity);
+    if (block_) {
+      relocate(items(block_), items(block_) + block_->size, items(fresh));
+      fresh->size = block_->size;
+      deallocate(block_);
+    }
+    block_ = fresh;
+  }
+  // Inserts at index into a larger block; the new element is made first,
+  // so args may refer to our elements and a throw leaves us untouched.
+  template <class... Args>
+  T& grow_and_emplace(size_type index, Args&&... args) {
+    const size_type n = size();
+    Header* fresh = allocate(grown_capacity(n + 1));
+    T* out = items(fresh);
+    try {
+      ::new (static_cast<void*>(out + index)) T(std::forward<Args>(args)...);
+    } catch (...) {
+      ::operator delete(fresh);
+      throw;
+    }
+    if (block_) {
+      T* d = items(block_);
+      relocate(d, d + index, out);
+      relocate(d + index, d + n, out + index + 1);
+      deallocate(block_);
+    }
+    fresh->size = n + 1;
+    block_ = fresh;
+    return out[index];
+  }
+  template <class It>
+  void append(It first, It last) {
+    using Category = typename std::iterator_traits<It>::iterator_category;
+    if constexpr (std::is_base_of_v<std::forward_iterator_tag, Category>) {
+      const auto n = static_cast<size_type>(std::distance(first, last));
+      if (n == 0) return;
+      reserve(size() + n);
+      T* out = items(block_) + block_->size;
+      if constexpr (std::is_nothrow_constructible_v<T, decltype(*first)>) {
+        for (; first != last; ++first, ++out) ::new (static_cast<void*>(out)) T(*first);
+        block_->size += n;
+      } else {
+        for (; first != last; ++first, ++out) {
+          ::new (static_cast<void*>(out)) T(*first);
+          ++block_->size;  // counted one by one: a throw leaves a valid vector
+        }
+      }
+    } else {
+      for (; first != last; ++first) emplace_back(*first);
+    }
+  }
+  iterator insert_all(const_iterator position, JsonVector&& values) {
+    const size_type index = static_cast<size_type>(position - begin());
+    if (values.empty()) return begin() + index;
+    JsonVector result;
+    result.reserve(size() + values.size());
+    T* d = data();
+    result.append(std::make_move_iterator(d), std::make_move_iterator(d + index));
+    result.append(std::make_move_iterator(values.begin()), std::make_move_iterator(values.end()));
+    result.append(std::make_move_iterator(d + index), std::make_move_iterator(d + size()));
+    swap(result);
+    return begin() + index;
+  }
+  void erase_tail(size_type n) noexcept {
+    if (!block_) return;
+    destroy(items(block_) + n, items(block_) + block_->size);
+    block_->size = n;
+  }
+  void release() noexcept {
+    if (!block_) return;
+    destroy(items(block_), items(block_) + block_->size);
+    deallocate(block_);
+    block_ = nullptr;
+  }
+  template <class F>
+  void guard(F&& build) {
+    try {
+      build();
+    } catch (...) {
+      release();
+      throw;
+    }
+  }
+
+  Header* block_ = nullptr;
+};
+
 }  // namespace detail
 
 // A JSON value: null, boolean, 64-bit integer, double, UTF-8 string, array
@@ -302,9 +675,10 @@ class JsonWriter;
 class Json {
  public:
   enum class Type : std::uint8_t { Null, Bool, Int, Double, String, Array, Object };
-  using Array = std::vector<Json>;
+  // Both have the interface of std::vector (see detail::JsonVector).
+  using Array = detail::JsonVector<Json>;
   // Insertion order is kept; keys are unique (parse rejects duplicates).
-  using Object = std::vector<std::pair<std::string, Json>>;
+  using Object = detail::JsonVector<std::pair<std::string, Json>>;
 
   struct ParseOptions {
     std::size_t max_depth = AET_DEFAULT_MAX_DEPTH;  // nested arrays/objects allowed
@@ -312,10 +686,10 @@ class Json {
 
   Json() noexcept {}  // null
   Json(std::nullptr_t) noexcept {}
-  Json(bool value) noexcept : type_(Type::Bool) { value_.boolean = value; }
+  Json(bool value) noexcept : type_(Type::Bool) { value_.bits = value ? 1 : 0; }
   template <class T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool>, int> = 0>
   Json(T value) noexcept;  // unsigned values above INT64_MAX become doubles
-  Json(double value) noexcept : type_(Type::Double) { value_.number = value; }
+  Json(double value) noexcept : type_(Type::Double) { value_.bits = detail::double_bits(value); }
   Json(const char* value);  // throws JsonError for a null pointer
   Json(std::string value);
   Json(std::string_view value);
@@ -333,12 +707,12 @@ class Json {
   static Json object(std::initializer_list<std::pair<std::string, Json>> members = {});
 
   Json(const Json& other);
-  Json(Json&& other) noexcept : type_(other.type_), value_(other.value_) {
-    other.type_ = Type::Null;
-  }
+  Json(Json&& other) noexcept { take(other); }
   Json& operator=(const Json& other);
   Json& operator=(Json&& other) noexcept;
-  ~Json() { destroy(); }
+  ~Json() {
+    if (type_ >= Type::String) destroy();  // scalars own nothing
+  }
 
   Type type() const noexcept { return type_; }
   bool is_null() const noexcept { return type_ == Type::Null; }
@@ -390,17 +764,38 @@ class Json {
  private:
   friend class detail::JsonParser;
   friend class detail::JsonWriter;
-  // The tag, and the payload it selects; strings, arrays and objects are
-  // owned through the pointer.
+  // The tag, and the payload it selects: the bits of a boolean, integer,
+  // double or string pointer, or the one-pointer handle of an array or
+  // object. Keeping every scalar in one member makes moving it one copy.
   Type type_ = Type::Null;
   union Storage {
-    bool boolean;
-    std::int64_t integer;
-    double number;
-    std::string* string;
-    Array* array;
-    Object* object;
-  } value_{};
+    Storage() noexcept : bits(0) {}
+    ~Storage() {}
+    std::uint64_t bits;
+    Array array;
+    Object object;
+  } value_;
+  bool bool_payload() const noexcept { return value_.bits != 0; }
+  std::int64_t int_payload() const noexcept { return static_cast<std::int64_t>(value_.bits); }
+  double double_payload() const noexcept {
+    double d;
+    std::memcpy(&d, &value_.bits, sizeof d);
+    return d;
+  }
+  detail::JsonString* string_payload() const noexcept {
+    return reinterpret_cast<detail::JsonString*>(static_cast<std::uintptr_t>(value_.bits));
+  }
+  void take(Json& other) noexcept;  // moves other's payload into this payload-less value
+  // Starts loading the memory a value owns (walks of large trees are bound
+  // by these dependent cache misses). Found by argument-dependent lookup.
+  friend void prefetch_payload(const Json& v) noexcept {
+    if (v.type_ == Type::String) __builtin_prefetch(v.string_payload());
+    else if (v.type_ == Type::Array) __builtin_prefetch(v.value_.array.data());
+    else if (v.type_ == Type::Object) __builtin_prefetch(v.value_.object.data());
+  }
+  friend void prefetch_payload(const std::pair<std::string, Json>& member) noexcept {
+    prefetch_payload(member.second);
+  }
   void destroy() noexcept;
   [[noreturn]] void type_error(const char* expected) const;
 };
@@ -1430,6 +1825,124 @@ inline std::size_t find_duplicate_key(const std::pair<std::string, Json>* member
   throw JsonError("duplicate key \"" + key + "\" in object");
 }
 
+// The shortest text of a double that needs at most 15 significant digits
+// and lies in [1e-7, 1e15), written at o; nullptr for any other double
+// (then std::to_chars does it). Decimals of 15 digits lie farther apart
+// than doubles, so at most one of them reads back as d: if the nearest one
+// does, its digits without trailing zeros are the shortest round trip.
+inline char* format_short_double(char* o, double d) noexcept {
+  static constexpr double powers[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,  1e8,  1e9,  1e10, 1e11,
+                                      1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+  if (d == 0) {
+    if (std::signbit(d)) *o++ = '-';
+    std::memcpy(o, "0.0", 3);
+    return o + 3;
+  }
+  const double a = d < 0 ? -d : d;
+  if (!(a >= 1e-7 && a < 1e15)) return nullptr;
+  std::uint64_t bits;
+  std::memcpy(&bits, &a, sizeof bits);
+  const int binary_exponent = static_cast<int>(bits >> 52) - 1023;
+  // About floor(log10(a)) (1233 / 4096 is close to log10(2)); an estimate
+  // one off gives fewer or more digits, caught by the checks below.
+  const int decimal_exponent = (binary_exponent * 1233) / 4096 - (binary_exponent < 0 ? 1 : 0);
+  int p = 14 - decimal_exponent;  // a * 10^p has 15 digits before the point
+  if (p < 0 || p > 22) return nullptr;
+  double scaled = a * powers[p];
+  if (scaled >= 1e15) {
+    if (p == 0) return nullptr;
+    scaled = a * powers[--p];
+  }
+  std::uint64_t m = static_cast<std::uint64_t>(scaled + 0.5);
+  if (m >= 1000000000000000u) return nullptr;
+  // Exact operands, one correctly rounded operation: the double nearest m / 10^p.
+  if (static_cast<double>(m) / powers[p] != a) return nullptr;
+  while (m % 10 == 0) {
+    m /= 10;
+    --p;
+  }
+  char digits[20];
+  const int n = static_cast<int>(std::to_chars(digits, digits + sizeof digits, m).ptr - digits);
+  if (d < 0) *o++ = '-';
+  const int point = n - p;  // digits before the decimal point
+  if (point >= n) {
+    std::memcpy(o, digits, static_cast<std::size_t>(n));
+    o += n;
+    std::memset(o, '0', static_cast<std::size_t>(point - n));
+    o += point - n;
+    *o++ = '.';
+    *o++ = '0';
+  } else if (point > 0) {
+    std::memcpy(o, digits, static_cast<std::size_t>(point));
+    o += point;
+    *o++ = '.';
+    std::memcpy(o, digits + point, static_cast<std::size_t>(n - point));
+    o += n - point;
+  } else {
+    *o++ = '0';
+    *o++ = '.';
+    std::memset(o, '0', static_cast<std::size_t>(-point));
+    o += -point;
+    std::memcpy(o, digits, static_cast<std::size_t>(n));
+    o += n;
+  }
+  return o;
+}
+
+// The parser's bump allocator over JsonChunk slabs. While a parse runs, the
+// count of its current slab carries a large bias, so blocks released early
+// (a failed parse unwinding) never free it; seal() trades the bias for the
+// number of blocks handed out.
+class JsonSlabs {
+ public:
+  static constexpr std::size_t largest_slab = 64 * 1024;
+  static constexpr std::size_t largest_block = largest_slab / 4;  // bigger ones go to the heap
+
+  // The first slab is sized from the text, so a small message costs little.
+  explicit JsonSlabs(std::size_t text_size) noexcept
+      : next_size_(std::min(std::max(text_size * 2, std::size_t{512}), largest_slab)) {}
+  JsonSlabs(const JsonSlabs&) = delete;
+  JsonSlabs& operator=(const JsonSlabs&) = delete;
+  ~JsonSlabs() { seal(); }
+
+  // n bytes (a multiple of 8, at most largest_block) in the current slab;
+  // call count() once an object lives there.
+  void* take(std::size_t n) {
+    if (static_cast<std::size_t>(limit_ - next_) < n) refill(n);
+    void* p = next_;
+    next_ += n;
+    return p;
+  }
+  JsonChunk* chunk() const noexcept { return chunk_; }
+  void count() noexcept { ++handed_out_; }
+
+ private:
+  static constexpr std::size_t bias = std::numeric_limits<std::size_t>::max() / 2;
+
+  void seal() noexcept {
+    if (!chunk_) return;
+    const std::size_t unused = bias - handed_out_;
+    if (chunk_->references.fetch_sub(unused, std::memory_order_acq_rel) == unused) ::operator delete(chunk_);
+    chunk_ = nullptr;
+  }
+  void refill(std::size_t n) {
+    seal();
+    const std::size_t size = std::max(next_size_, n + sizeof(JsonChunk));
+    next_size_ = largest_slab;
+    char* raw = static_cast<char*>(::operator new(size));
+    chunk_ = ::new (raw) JsonChunk(bias);
+    handed_out_ = 0;
+    next_ = raw + sizeof(JsonChunk);
+    limit_ = raw + size;
+  }
+
+  JsonChunk* chunk_ = nullptr;
+  char* next_ = nullptr;
+  char* limit_ = nullptr;
+  std::size_t handed_out_ = 0;
+  std::size_t next_size_;
+};
+
 // One-pass parser over a byte range. Iterative: open containers live on an
 // explicit stack (levels_), their finished elements on values_ and members_
 // until the container closes, so nesting costs no native stack and every
@@ -1437,7 +1950,11 @@ inline std::size_t find_duplicate_key(const std::pair<std::string, Json>* member
 class JsonParser {
  public:
   JsonParser(std::string_view text, std::size_t max_depth)
-      : begin_(text.data()), p_(text.data()), end_(text.data() + text.size()), max_depth_(max_depth) {}
+      : begin_(text.data()),
+        p_(text.data()),
+        end_(text.data() + text.size()),
+        max_depth_(max_depth),
+        slabs_(text.size()) {}
 
   Json parse() {
     skip_ws();
@@ -1452,7 +1969,7 @@ class JsonParser {
         skip_ws();
         if (p_ < end_ && *p_ == ']') {
           ++p_;
-          emit(make(Json::Type::Array, new Json::Array()));
+          emit(Json(Json::Array()));
           goto after_value;
         }
         levels_.push_back({false, values_.size()});
@@ -1464,17 +1981,23 @@ class JsonParser {
         skip_ws();
         if (p_ < end_ && *p_ == '}') {
           ++p_;
-          emit(make(Json::Type::Object, new Json::Object()));
+          emit(Json(Json::Object()));
           goto after_value;
         }
         levels_.push_back({true, members_.size()});
         after_comma = false;
         goto key;
       case '"': {
-        auto* s = new std::string();
-        Json value = make(Json::Type::String, s);
-        parse_string(*s);
-        emit(std::move(value));
+        const char* run = p_ + 1;
+        const char* stop = scan_text(run);
+        if (stop < end_ && *stop == '"') {  // no escape: build it in one go
+          p_ = stop + 1;
+          emit(make_string(std::string(run, stop)));
+        } else {
+          Json value = make_string(std::string());
+          parse_string(value.string_payload()->text);
+          emit(std::move(value));
+        }
         goto after_value;
       }
       case 't':
@@ -1544,8 +2067,17 @@ class JsonParser {
       fail(p_, "expected a string key, got " + describe(p_));
     }
     key_positions_.push_back(p_);
-    members_.emplace_back();
-    parse_string(members_.back().first);
+    {
+      const char* run = p_ + 1;
+      const char* stop = scan_text(run);
+      if (stop < end_ && *stop == '"') {
+        members_.emplace_back(std::piecewise_construct, std::forward_as_tuple(run, stop), std::forward_as_tuple());
+        p_ = stop + 1;
+      } else {
+        members_.emplace_back();
+        parse_string(members_.back().first);
+      }
+    }
     skip_ws();
     if (p_ == end_ || *p_ != ':') fail(p_, "expected ':' after the key, got " + describe(p_));
     ++p_;
@@ -1560,30 +2092,57 @@ class JsonParser {
     std::size_t start;  // index of its first element in values_ or members_
   };
 
-  template <class T>
-  static Json make(Json::Type type, T* payload) noexcept {
+  Json make_string(std::string text) {
+    void* memory = slabs_.take(sizeof(JsonString));
+    auto* s = ::new (memory) JsonString{std::move(text), slabs_.chunk()};
+    slabs_.count();
     Json j;
-    j.type_ = type;
-    if constexpr (std::is_same_v<T, std::string>) j.value_.string = payload;
-    else if constexpr (std::is_same_v<T, Json::Array>) j.value_.array = payload;
-    else j.value_.object = payload;
+    j.type_ = Json::Type::String;
+    j.value_.bits = pointer_bits(s);
     return j;
   }
 
+  // A container from its finished elements, moved into a block of the exact
+  // size: in the current slab, or on the heap when it is large.
+  template <class Container, class Scratch>
+  Json make_container(Json::Type type, Scratch& scratch, std::size_t start) {
+    using Element = typename Container::value_type;
+    const auto first = scratch.begin() + static_cast<std::ptrdiff_t>(start);
+    const std::size_t n = scratch.size() - start;
+    const std::size_t bytes = Container::block_bytes(n);
+    Container elements;
+    if (bytes <= JsonSlabs::largest_block) {
+      void* memory = slabs_.take(bytes);
+      auto* block = ::new (memory) typename Container::Header{0, n, slabs_.chunk()};
+      Element* out = Container::items(block);
+      for (auto it = first; it != scratch.end(); ++it, ++out) ::new (static_cast<void*>(out)) Element(std::move(*it));
+      block->size = n;
+      slabs_.count();
+      Container(block).swap(elements);
+    } else {
+      Container(std::make_move_iterator(first), std::make_move_iterator(scratch.end())).swap(elements);
+    }
+    scratch.erase(first, scratch.end());
+    Json j;
+    if constexpr (std::is_same_v<Container, Json::Array>)
+      ::new (static_cast<void*>(&j.value_.array)) Json::Array(std::move(elements));
+    else
+      ::new (static_cast<void*>(&j.value_.object)) Json::Object(std::move(elements));
+    j.type_ = type;
+    return j;
+  }
+
+  // Puts a finished value where it belongs; every destination is still null.
   void emit(Json&& value) {
-    if (levels_.empty()) root_ = std::move(value);
-    else if (levels_.back().object) members_.back().second = std::move(value);
-    else values_.push_back(std::move(value));
+    if (levels_.empty()) root_.take(value);
+    else if (levels_.back().object) members_.back().second.take(value);
+    else values_.emplace_back().take(value);
   }
 
   void close_array() {
     const std::size_t start = levels_.back().start;
     levels_.pop_back();
-    auto first = values_.begin() + static_cast<std::ptrdiff_t>(start);
-    Json array = make(Json::Type::Array, new Json::Array(std::make_move_iterator(first),
-                                                         std::make_move_iterator(values_.end())));
-    values_.erase(first, values_.end());
-    emit(std::move(array));
+    emit(make_container<Json::Array>(Json::Type::Array, values_, start));
   }
 
   void close_object() {
@@ -1593,12 +2152,8 @@ class JsonParser {
     if (dup != n)
       fail(key_positions_[start + dup], "duplicate key \"" + members_[start + dup].first + "\"");
     levels_.pop_back();
-    auto first = members_.begin() + static_cast<std::ptrdiff_t>(start);
-    Json object = make(Json::Type::Object, new Json::Object(std::make_move_iterator(first),
-                                                            std::make_move_iterator(members_.end())));
-    members_.erase(first, members_.end());
     key_positions_.resize(start);
-    emit(std::move(object));
+    emit(make_container<Json::Object>(Json::Type::Object, members_, start));
   }
 
   void skip_ws() noexcept {
@@ -1629,17 +2184,30 @@ class JsonParser {
     }
     const std::size_t digit_count = static_cast<std::size_t>(p_ - digits);
     bool is_double = false;
+    // All digits as one integer while they fit (19 digits do), for the
+    // fast path below.
+    std::uint64_t mantissa = magnitude;
+    std::size_t mantissa_digits = digit_count;
+    int exponent = 0;
     if (p_ < end_ && *p_ == '.') {
       ++p_;
       if (p_ == end_ || !is_digit(*p_)) fail(p_, "expected a digit after the decimal point, got " + describe(p_));
-      while (p_ < end_ && is_digit(*p_)) ++p_;
+      for (; p_ < end_ && is_digit(*p_); ++p_) {
+        if (mantissa_digits < 19) mantissa = mantissa * 10 + static_cast<unsigned>(*p_ - '0');
+        ++mantissa_digits;
+        --exponent;
+      }
       is_double = true;
     }
     if (p_ < end_ && (*p_ == 'e' || *p_ == 'E')) {
       ++p_;
+      const bool minus = p_ < end_ && *p_ == '-';
       if (p_ < end_ && (*p_ == '+' || *p_ == '-')) ++p_;
       if (p_ == end_ || !is_digit(*p_)) fail(p_, "expected a digit in the exponent, got " + describe(p_));
-      while (p_ < end_ && is_digit(*p_)) ++p_;
+      int written = 0;
+      for (; p_ < end_ && is_digit(*p_); ++p_)
+        if (written < 100000) written = written * 10 + (*p_ - '0');
+      exponent += minus ? -written : written;
       is_double = true;
     }
     if (!is_double && digit_count <= 19) {
@@ -1647,6 +2215,16 @@ class JsonParser {
       if (!negative && magnitude <= int64_max) return Json(static_cast<std::int64_t>(magnitude));
       if (negative && magnitude <= int64_max + 1)
         return Json(magnitude == int64_max + 1 ? INT64_MIN : -static_cast<std::int64_t>(magnitude));
+    }
+    // Clinger's fast path: a mantissa and a power of ten that are both exact
+    // doubles give the correctly rounded value in one operation.
+    if (mantissa_digits <= 19 && mantissa <= (std::uint64_t{1} << 53) && exponent >= -22 && exponent <= 22) {
+      static constexpr double powers[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,
+                                          1e8,  1e9,  1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+                                          1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+      double value = static_cast<double>(mantissa);
+      value = exponent < 0 ? value / powers[-exponent] : value * powers[exponent];
+      return Json(negative ? -value : value);
     }
     double value = 0;
     const auto result = std::from_chars(start, p_, value);
@@ -1831,6 +2409,7 @@ class JsonParser {
   const char* p_;
   const char* end_;
   std::size_t max_depth_;
+  JsonSlabs slabs_;  // before the values: destroyed after them
   Json root_;
   std::vector<Level> levels_;
   std::vector<Json> values_;
@@ -1838,131 +2417,154 @@ class JsonParser {
   std::vector<const char*> key_positions_;  // of members_, for duplicate-key errors
 };
 
-// Prints into one std::string, writing through a raw pointer into space
-// grown geometrically and trimmed at the end.
+// Prints into one std::string. The cursor travels in a register from call
+// to call (it is passed and returned); the string is grown geometrically
+// when a write needs more room than is left, and trimmed at the end.
 class JsonWriter {
  public:
-  JsonWriter(std::string& out, int indent) : out_(out), pos_(out.size()), indent_(indent) {}
-
-  void write(const Json& v, std::size_t depth) {
-    switch (v.type_) {
-      case Json::Type::Null: put("null", 4); return;
-      case Json::Type::Bool: v.value_.boolean ? put("true", 4) : put("false", 5); return;
-      case Json::Type::Int: {
-        char* o = room(24);
-        pos_ = static_cast<std::size_t>(std::to_chars(o, o + 24, v.value_.integer).ptr - out_.data());
-        return;
-      }
-      case Json::Type::Double: write_double(v.value_.number); return;
-      case Json::Type::String: write_string(*v.value_.string); return;
-      case Json::Type::Array: {
-        const Json::Array& a = *v.value_.array;
-        if (a.empty()) return put("[]", 2);
-        put_char('[');
-        const std::size_t n = a.size();
-        for (std::size_t i = 0; i < n; ++i) {
-          if (i + 4 < n) prefetch(a[i + 4]);
-          if (i) put_char(',');
-          newline(depth + 1);
-          write(a[i], depth + 1);
-        }
-        newline(depth);
-        put_char(']');
-        return;
-      }
-      case Json::Type::Object: {
-        const Json::Object& o = *v.value_.object;
-        if (o.empty()) return put("{}", 2);
-        put_char('{');
-        const std::size_t n = o.size();
-        for (std::size_t i = 0; i < n; ++i) {
-          if (i + 2 < n) prefetch(o[i + 2].second);
-          if (i) put_char(',');
-          newline(depth + 1);
-          write_string(o[i].first);
-          indent_ < 0 ? put_char(':') : put(": ", 2);
-          write(o[i].second, depth + 1);
-        }
-        newline(depth);
-        put_char('}');
-        return;
-      }
-    }
+  JsonWriter(std::string& out, int indent) : out_(out), indent_(indent) {
+    const std::size_t used = out.size();
+    out_.resize(std::max(used + 256, out_.capacity()));
+    begin_ = &out_[0];
+    end_ = begin_ + out_.size();
+    cursor_ = begin_ + used;
   }
 
-  void finish() { out_.resize(pos_); }
-
-  // Starts loading what v points to: the tree is walked in order, and each
-  // container or long string is a dependent cache miss otherwise.
-  static void prefetch(const Json& v) noexcept {
-    if (v.type_ >= Json::Type::String) __builtin_prefetch(v.value_.string);
-  }
+  void run(const Json& v) { out_.resize(static_cast<std::size_t>(write(cursor_, v, 0) - begin_)); }
 
  private:
-  // At least n writable bytes at the returned pointer (pos_ unchanged).
-  char* room(std::size_t n) {
-    if (out_.size() - pos_ < n) out_.resize(std::max({out_.size() * 2, pos_ + n, std::size_t{256}}));
-    return &out_[pos_];
+  // At least n writable bytes at o (which may move).
+  char* room(char* o, std::size_t n) {
+    if (static_cast<std::size_t>(end_ - o) >= n) return o;
+    return grow(o, n);
   }
-  void put(const char* s, std::size_t n) {
-    std::memcpy(room(n), s, n);
-    pos_ += n;
-  }
-  void put_char(char c) {
-    *room(1) = c;
-    ++pos_;
-  }
-  void newline(std::size_t depth) {
-    if (indent_ < 0) return;
-    const std::size_t n = depth * static_cast<std::size_t>(indent_);
-    char* o = room(n + 1);
-    *o = '\n';
-    std::memset(o + 1, ' ', n);
-    pos_ += n + 1;
+  char* grow(char* o, std::size_t n) {
+    const std::size_t used = static_cast<std::size_t>(o - begin_);
+    out_.resize(std::max(out_.size() * 2, used + n));
+    begin_ = &out_[0];
+    end_ = begin_ + out_.size();
+    return begin_ + used;
   }
 
-  void write_double(double d) {
+  char* newline(char* o, std::size_t depth) {
+    const std::size_t n = depth * static_cast<std::size_t>(indent_);
+    o = room(o, n + 1);
+    *o++ = '\n';
+    std::memset(o, ' ', n);
+    return o + n;
+  }
+
+  char* write(char* o, const Json& v, std::size_t depth) {
+    switch (v.type_) {
+      case Json::Type::Null:
+        o = room(o, 4);
+        std::memcpy(o, "null", 4);
+        return o + 4;
+      case Json::Type::Bool:
+        o = room(o, 5);
+        if (v.bool_payload()) {
+          std::memcpy(o, "true", 4);
+          return o + 4;
+        }
+        std::memcpy(o, "false", 5);
+        return o + 5;
+      case Json::Type::Int:
+        o = room(o, 24);
+        return std::to_chars(o, o + 24, v.int_payload()).ptr;
+      case Json::Type::Double: return write_double(o, v.double_payload());
+      case Json::Type::String: return write_string(o, v.string_payload()->text);
+      case Json::Type::Array: {
+        const Json* it = v.value_.array.data();
+        const std::size_t n = v.value_.array.size();
+        o = room(o, 2);
+        *o++ = '[';
+        for (std::size_t i = 0; i < n; ++i) {
+          if (i + 4 < n) prefetch_payload(it[i + 4]);
+          if (i) {
+            o = room(o, 1);
+            *o++ = ',';
+          }
+          if (indent_ >= 0) o = newline(o, depth + 1);
+          o = write(o, it[i], depth + 1);
+        }
+        if (n && indent_ >= 0) o = newline(o, depth);
+        o = room(o, 1);
+        *o++ = ']';
+        return o;
+      }
+      case Json::Type::Object: {
+        const auto* it = v.value_.object.data();
+        const std::size_t n = v.value_.object.size();
+        o = room(o, 2);
+        *o++ = '{';
+        for (std::size_t i = 0; i < n; ++i) {
+          if (i + 2 < n) prefetch_payload(it[i + 2]);
+          if (i) {
+            o = room(o, 1);
+            *o++ = ',';
+          }
+          if (indent_ >= 0) o = newline(o, depth + 1);
+          o = write_string(o, it[i].first);
+          o = room(o, 2);
+          *o++ = ':';
+          if (indent_ >= 0) *o++ = ' ';
+          o = write(o, it[i].second, depth + 1);
+        }
+        if (n && indent_ >= 0) o = newline(o, depth);
+        o = room(o, 1);
+        *o++ = '}';
+        return o;
+      }
+    }
+    return o;
+  }
+
+  char* write_double(char* o, double d) {
     if (!std::isfinite(d)) throw JsonError("cannot print NaN or infinity: JSON numbers must be finite");
-    char* o = room(32);
+    o = room(o, 32);
+    if (char* fast = format_short_double(o, d)) return fast;
     char* e = std::to_chars(o, o + 30, d).ptr;
     // Integral values print without '.' or exponent; mark them as doubles.
-    bool plain = true;
     for (const char* q = o; q < e; ++q)
-      if (*q == '.' || *q == 'e') {
-        plain = false;
-        break;
-      }
-    if (plain) {
-      *e++ = '.';
-      *e++ = '0';
-    }
-    pos_ = static_cast<std::size_t>(e - out_.data());
+      if (*q == '.' || *q == 'e') return e;
+    e[0] = '.';
+    e[1] = '0';
+    return e + 2;
   }
 
-  void write_string(const std::string& s) {
+  char* write_string(char* o, const std::string& s) {
     const char* p = s.data();
-    const char* end = p + s.size();
-    char* o = room(s.size() + 2);
+    const char* const end = p + s.size();
+    // The text as it is, the quotes, and slack for whole words stored past
+    // the end of a run (later bytes overwrite them).
+    o = room(o, s.size() + 2 + 8);
     *o++ = '"';
     for (;;) {
-      const char* run = p;
-      for (;;) {
-        p = json_skip_plain(p, end);
-        if (p == end || static_cast<unsigned char>(*p) < 0x80) break;
+      while (end - p >= 8) {
+        std::uint64_t word;
+        std::memcpy(&word, p, 8);
+        if (json_word_needs_attention(p)) break;
+        std::memcpy(o, &word, 8);
+        p += 8;
+        o += 8;
+      }
+      while (p < end && json_byte_classes.of[static_cast<unsigned char>(*p)] == json_plain) *o++ = *p++;
+      if (p == end) break;
+      const unsigned char c = static_cast<unsigned char>(*p);
+      if (c >= 0x80) {
         const char* why = nullptr;
         const std::size_t n = utf8_sequence_length(p, end, &why);
         if (n == 0)
           throw JsonError(std::string("cannot print a string that is not UTF-8 (") + why + " at byte " +
                           std::to_string(p - s.data()) + ")");
+        std::memcpy(o, p, n);  // well-formed: copied as it is
         p += n;
+        o += n;
+        continue;
       }
-      std::memcpy(o, run, static_cast<std::size_t>(p - run));
-      o += p - run;
-      if (p == end) break;
-      // An escape: make room for it and for the rest as it is.
-      pos_ = static_cast<std::size_t>(o - out_.data());
-      o = room(static_cast<std::size_t>(end - p) + 7);
-      const unsigned char c = static_cast<unsigned char>(*p++);
+      // An escape: make room for it, and again for the rest as it is.
+      o = room(o, static_cast<std::size_t>(end - p) + 7 + 8);
+      ++p;
       *o++ = '\\';
       switch (c) {
         case '"': *o++ = '"'; break;
@@ -1974,21 +2576,24 @@ class JsonWriter {
         case '\t': *o++ = 't'; break;
         default: {
           static constexpr char hex[] = "0123456789abcdef";
-          *o++ = 'u';
-          *o++ = '0';
-          *o++ = '0';
-          *o++ = hex[c >> 4];
-          *o++ = hex[c & 15];
+          o[0] = 'u';
+          o[1] = '0';
+          o[2] = '0';
+          o[3] = hex[c >> 4];
+          o[4] = hex[c & 15];
+          o += 5;
         }
       }
     }
     *o++ = '"';
-    pos_ = static_cast<std::size_t>(o - out_.data());
+    return o;
   }
 
   std::string& out_;
-  std::size_t pos_;
   int indent_;
+  char* begin_;
+  char* end_;
+  char* cursor_;
 };
 
 inline bool int_equals_double(std::int64_t i, double d) noexcept {
@@ -2004,35 +2609,35 @@ Json::Json(T value) noexcept {
   if constexpr (std::is_unsigned_v<T> && sizeof(T) >= sizeof(std::int64_t)) {
     if (value > static_cast<T>(INT64_MAX)) {
       type_ = Type::Double;
-      value_.number = static_cast<double>(value);
+      value_.bits = detail::double_bits(static_cast<double>(value));
       return;
     }
   }
   type_ = Type::Int;
-  value_.integer = static_cast<std::int64_t>(value);
+  value_.bits = static_cast<std::uint64_t>(static_cast<std::int64_t>(value));
 }
 
 inline Json::Json(const char* value) {
   if (!value) throw JsonError("Json from a null const char*");
-  value_.string = new std::string(value);
+  value_.bits = detail::pointer_bits(detail::new_json_string(value));
   type_ = Type::String;
 }
 inline Json::Json(std::string value) {
-  value_.string = new std::string(std::move(value));
+  value_.bits = detail::pointer_bits(detail::new_json_string(std::move(value)));
   type_ = Type::String;
 }
 inline Json::Json(std::string_view value) {
-  value_.string = new std::string(value);
+  value_.bits = detail::pointer_bits(detail::new_json_string(std::string(value)));
   type_ = Type::String;
 }
 inline Json::Json(Array value) {
-  value_.array = new Array(std::move(value));
+  ::new (static_cast<void*>(&value_.array)) Array(std::move(value));
   type_ = Type::Array;
 }
 inline Json::Json(Object value) {
   const std::size_t dup = detail::find_duplicate_key(value.data(), value.size());
   if (dup != value.size()) detail::throw_duplicate_key(value[dup].first);
-  value_.object = new Object(std::move(value));
+  ::new (static_cast<void*>(&value_.object)) Object(std::move(value));
   type_ = Type::Object;
 }
 inline Json::Json(std::initializer_list<Json> elements) : Json(Array(elements)) {}
@@ -2045,10 +2650,10 @@ inline Json Json::object(std::initializer_list<std::pair<std::string, Json>> mem
 
 inline Json::Json(const Json& other) {
   switch (other.type_) {
-    case Type::String: value_.string = new std::string(*other.value_.string); break;
-    case Type::Array: value_.array = new Array(*other.value_.array); break;
-    case Type::Object: value_.object = new Object(*other.value_.object); break;
-    default: value_ = other.value_;
+    case Type::String: value_.bits = detail::pointer_bits(detail::new_json_string(other.string_payload()->text)); break;
+    case Type::Array: ::new (static_cast<void*>(&value_.array)) Array(other.value_.array); break;
+    case Type::Object: ::new (static_cast<void*>(&value_.object)) Object(other.value_.object); break;
+    default: value_.bits = other.value_.bits;
   }
   type_ = other.type_;
 }
@@ -2061,24 +2666,36 @@ inline Json& Json::operator=(const Json& other) {
   return *this;
 }
 
+inline void Json::take(Json& other) noexcept {
+  if (other.type_ == Type::Array) {
+    ::new (static_cast<void*>(&value_.array)) Array(std::move(other.value_.array));
+    other.value_.array.~Array();
+  } else if (other.type_ == Type::Object) {
+    ::new (static_cast<void*>(&value_.object)) Object(std::move(other.value_.object));
+    other.value_.object.~Object();
+  } else {
+    value_.bits = other.value_.bits;  // a scalar, or the string pointer
+  }
+  type_ = other.type_;
+  other.type_ = Type::Null;
+}
+
 inline Json& Json::operator=(Json&& other) noexcept {
   if (this != &other) {
-    // Detach other's payload first: it may be an element of *this.
-    const Type type = other.type_;
-    const Storage value = other.value_;
-    other.type_ = Type::Null;
+    // Take other's payload before destroying ours: other may be one of our
+    // elements.
+    Json taken(std::move(other));
     destroy();
-    type_ = type;
-    value_ = value;
+    take(taken);
   }
   return *this;
 }
 
 inline void Json::destroy() noexcept {
   switch (type_) {
-    case Type::String: delete value_.string; break;
-    case Type::Array: delete value_.array; break;
-    case Type::Object: delete value_.object; break;
+    case Type::String: detail::delete_json_string(string_payload()); break;
+    case Type::Array: value_.array.~Array(); break;
+    case Type::Object: value_.object.~Object(); break;
     default: break;
   }
   type_ = Type::Null;
@@ -2090,13 +2707,13 @@ inline void Json::type_error(const char* expected) const {
 
 inline bool Json::as_bool() const {
   if (type_ != Type::Bool) type_error("boolean");
-  return value_.boolean;
+  return bool_payload();
 }
 
 inline std::int64_t Json::as_int() const {
-  if (type_ == Type::Int) return value_.integer;
+  if (type_ == Type::Int) return int_payload();
   if (type_ == Type::Double) {
-    const double d = value_.number;
+    const double d = double_payload();
     if (d >= -0x1p63 && d < 0x1p63 && d == std::trunc(d)) return static_cast<std::int64_t>(d);
     const std::string text = std::isnan(d) ? "NaN" : std::isinf(d) ? (d < 0 ? "-Infinity" : "Infinity") : dump();
     throw JsonError("expected integer, got number " + text);
@@ -2105,39 +2722,39 @@ inline std::int64_t Json::as_int() const {
 }
 
 inline double Json::as_double() const {
-  if (type_ == Type::Double) return value_.number;
-  if (type_ == Type::Int) return static_cast<double>(value_.integer);
+  if (type_ == Type::Double) return double_payload();
+  if (type_ == Type::Int) return static_cast<double>(int_payload());
   type_error("number");
 }
 
 inline const std::string& Json::as_string() const {
   if (type_ != Type::String) type_error("string");
-  return *value_.string;
+  return string_payload()->text;
 }
 inline std::string& Json::as_string() {
   if (type_ != Type::String) type_error("string");
-  return *value_.string;
+  return string_payload()->text;
 }
 inline const Json::Array& Json::as_array() const {
   if (type_ != Type::Array) type_error("array");
-  return *value_.array;
+  return value_.array;
 }
 inline Json::Array& Json::as_array() {
   if (type_ != Type::Array) type_error("array");
-  return *value_.array;
+  return value_.array;
 }
 inline const Json::Object& Json::as_object() const {
   if (type_ != Type::Object) type_error("object");
-  return *value_.object;
+  return value_.object;
 }
 inline Json::Object& Json::as_object() {
   if (type_ != Type::Object) type_error("object");
-  return *value_.object;
+  return value_.object;
 }
 
 inline std::size_t Json::size() const noexcept {
-  if (type_ == Type::Array) return value_.array->size();
-  if (type_ == Type::Object) return value_.object->size();
+  if (type_ == Type::Array) return value_.array.size();
+  if (type_ == Type::Object) return value_.object.size();
   return 0;
 }
 
@@ -2154,7 +2771,7 @@ inline Json& Json::operator[](std::size_t index) {
 
 inline const Json* Json::find(std::string_view key) const {
   if (type_ != Type::Object) return nullptr;
-  for (const auto& m : *value_.object)
+  for (const auto& m : value_.object)
     if (m.first == key) return &m.second;
   return nullptr;
 }
@@ -2171,33 +2788,32 @@ inline Json& Json::operator[](std::string_view key) {
   if (type_ == Type::Null) *this = Json(Object());
   if (type_ != Type::Object) type_error("object");
   if (Json* v = find(key)) return *v;
-  value_.object->emplace_back(std::string(key), Json());
-  return value_.object->back().second;
+  return value_.object.emplace_back(std::string(key), Json()).second;
 }
 
 inline void Json::push_back(Json value) {
   if (type_ == Type::Null) *this = Json(Array());
   if (type_ != Type::Array) type_error("array");
-  value_.array->push_back(std::move(value));
+  value_.array.push_back(std::move(value));
 }
 
 inline bool operator==(const Json& a, const Json& b) noexcept {
   using T = Json::Type;
   if (a.type() != b.type()) {
-    if (a.is_int() && b.is_double()) return detail::int_equals_double(a.value_.integer, b.value_.number);
-    if (a.is_double() && b.is_int()) return detail::int_equals_double(b.value_.integer, a.value_.number);
+    if (a.is_int() && b.is_double()) return detail::int_equals_double(a.int_payload(), b.double_payload());
+    if (a.is_double() && b.is_int()) return detail::int_equals_double(b.int_payload(), a.double_payload());
     return false;
   }
   switch (a.type()) {
     case T::Null: return true;
-    case T::Bool: return a.value_.boolean == b.value_.boolean;
-    case T::Int: return a.value_.integer == b.value_.integer;
-    case T::Double: return a.value_.number == b.value_.number;
-    case T::String: return *a.value_.string == *b.value_.string;
-    case T::Array: return *a.value_.array == *b.value_.array;
+    case T::Bool: return a.bool_payload() == b.bool_payload();
+    case T::Int: return a.int_payload() == b.int_payload();
+    case T::Double: return a.double_payload() == b.double_payload();
+    case T::String: return a.string_payload()->text == b.string_payload()->text;
+    case T::Array: return a.value_.array == b.value_.array;
     case T::Object: {
-      const Json::Object& x = *a.value_.object;
-      const Json::Object& y = *b.value_.object;
+      const Json::Object& x = a.value_.object;
+      const Json::Object& y = b.value_.object;
       if (x.size() != y.size()) return false;
       std::size_t i = 0;  // same order: one pass; otherwise look each key up
       while (i < x.size() && x[i].first == y[i].first) {
@@ -2217,9 +2833,7 @@ inline bool operator==(const Json& a, const Json& b) noexcept {
 inline void Json::dump_to(std::string& out, int indent) const {
   const std::size_t original = out.size();
   try {
-    detail::JsonWriter writer(out, indent);
-    writer.write(*this, 0);
-    writer.finish();
+    detail::JsonWriter(out, indent).run(*this);
   } catch (...) {
     out.resize(original);
     throw;

@@ -1,10 +1,12 @@
 // aet::Json: values, accessors, the strict parser and the printer.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "anyevent_task.hpp"
@@ -588,4 +590,122 @@ TEST_CASE("a large generated document round-trips") {
   REQUIRE(back.dump() == text);
   REQUIRE(Json::parse(doc.dump(3)) == doc);
   REQUIRE(back[1999]["big"].as_int() == (std::int64_t{1} << 62 | 1999));
+}
+
+TEST_CASE("arrays and objects have the interface of std::vector") {
+  Json::Array a;
+  REQUIRE(a.empty());
+  REQUIRE(a.size() == 0);
+  REQUIRE(a.begin() == a.end());
+  a.push_back(1);
+  a.emplace_back("two");
+  a.push_back(Json{3});
+  REQUIRE(a.size() == 3);
+  REQUIRE(a.front() == Json(1));
+  REQUIRE(a.back() == Json{3});
+  REQUIRE(a.at(1).as_string() == "two");
+  REQUIRE_THROWS_AS(a.at(3), std::out_of_range);
+  // Growing while the argument is one of the elements.
+  for (int i = 0; i < 100; ++i) a.push_back(a[1]);
+  REQUIRE(a.size() == 103);
+  REQUIRE(a[102].as_string() == "two");
+  a.insert(a.begin(), a[1]);
+  REQUIRE(a[0].as_string() == "two");
+  REQUIRE(a[1] == Json(1));
+  a.erase(a.begin() + 3, a.end());
+  REQUIRE(Json(a).dump() == R"(["two",1,"two"])");
+  a.insert(a.begin() + 1, {Json(5), Json(6)});
+  REQUIRE(Json(a).dump() == R"(["two",5,6,1,"two"])");
+  a.erase(a.begin());
+  a.pop_back();
+  REQUIRE(Json(a).dump() == "[5,6,1]");
+  std::stable_sort(a.begin(), a.end(), [](const Json& x, const Json& y) { return x.as_int() < y.as_int(); });
+  REQUIRE(Json(a).dump() == "[1,5,6]");
+  REQUIRE(a.rbegin()->as_int() == 6);
+  REQUIRE((a.rbegin() + 1)->as_int() == 5);
+  a.resize(5);
+  REQUIRE(a[4].is_null());
+  a.resize(6, Json("x"));
+  REQUIRE(a[5].as_string() == "x");
+  a.resize(2);
+  REQUIRE(Json(a).dump() == "[1,5]");
+  a.reserve(100);
+  REQUIRE(a.capacity() >= 100);
+  a.shrink_to_fit();
+  REQUIRE(a.capacity() == 2);
+  Json::Array copy = a;
+  REQUIRE(copy == a);
+  copy[0] = 9;
+  REQUIRE(copy != a);
+  Json::Array moved = std::move(copy);
+  REQUIRE(copy.empty());
+  REQUIRE(moved[0] == Json(9));
+  moved = a;
+  REQUIRE(moved == a);
+  moved = {Json(1), Json(2), Json(3)};
+  REQUIRE(moved.size() == 3);
+  moved.clear();
+  REQUIRE(moved.empty());
+  Json::Array filled(3, Json("f"));
+  REQUIRE(Json(filled).dump() == R"(["f","f","f"])");
+  Json::Array sized(2);
+  REQUIRE(sized[1].is_null());
+  std::vector<Json> source{Json(1), Json(2)};
+  Json::Array from_range(source.begin(), source.end());
+  REQUIRE(from_range.size() == 2);
+
+  Json::Object o;
+  o.emplace_back("a", 1);
+  o.push_back({"b", Json{true}});
+  REQUIRE(o.size() == 2);
+  REQUIRE(o[1].first == "b");
+  Json obj(o);
+  REQUIRE(obj.dump() == R"({"a":1,"b":[true]})");
+  obj.as_object().erase(obj.as_object().begin());
+  REQUIRE(obj.dump() == R"({"b":[true]})");
+}
+
+TEST_CASE("values taken from a parsed document outlive it") {
+  std::string text = "[";
+  for (int i = 0; i < 5000; ++i) text += R"({"s":"a string that is longer than sixteen bytes )" + std::to_string(i) + R"(","a":[1,2,{"k":"v"}],"t":"short"},)";
+  text += "null]";
+  Json kept_string, kept_array, kept_short;
+  Json copy;
+  {
+    Json doc = Json::parse(text);
+    kept_string = std::move(doc[10]["s"]);
+    kept_array = std::move(doc[20]["a"]);
+    kept_short = doc[30]["t"];
+    copy = doc[40];
+  }
+  REQUIRE(kept_string.as_string() == "a string that is longer than sixteen bytes 10");
+  REQUIRE(kept_array.dump() == R"([1,2,{"k":"v"}])");
+  REQUIRE(kept_short.as_string() == "short");
+  REQUIRE(copy["a"][2]["k"].as_string() == "v");
+  // A parsed array still grows and shrinks like any other.
+  Json parsed = Json::parse("[1,2,3]");
+  for (int i = 0; i < 1000; ++i) parsed.push_back(i);
+  parsed.as_array().erase(parsed.as_array().begin(), parsed.as_array().begin() + 500);
+  parsed.as_array().shrink_to_fit();
+  REQUIRE(parsed.size() == 503);
+  Json strings = Json::parse(R"(["x","y"])");
+  strings[0].as_string() += std::string(100, 'z');
+  REQUIRE(strings[0].as_string().size() == 101);
+}
+
+TEST_CASE("a parsed document can be destroyed by another thread") {
+  std::vector<Json> documents;
+  for (int i = 0; i < 8; ++i) documents.push_back(Json::parse(R"([{"a":"b","c":[1,2,3]},"text",[[]]])"));
+  Json part = std::move(documents[0][0]);
+  std::thread other([moved = std::move(documents)]() mutable { moved.clear(); });
+  other.join();
+  REQUIRE(part.dump() == R"({"a":"b","c":[1,2,3]})");
+}
+
+TEST_CASE("a parse that fails half way frees what it built") {
+  std::string text = "[";
+  for (int i = 0; i < 20000; ++i) text += R"({"k":["v",1,{"x":"yyyyyyyyyyyyyyyyyyyyyy"}]},)";
+  REQUIRE(parse_error(text + "]").find("trailing comma") != std::string::npos);
+  REQUIRE(parse_error(text + "{\"k\":1,\"k\":2}]").find("duplicate key") != std::string::npos);
+  REQUIRE(Json::parse(text + "0]").size() == 20001);
 }
