@@ -70,7 +70,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <deque>
 #include <exception>
 #include <functional>
 #include <initializer_list>
@@ -1305,14 +1304,24 @@ struct ClientState;
 // A handle on one checkout; copies share it. The worker is held from when
 // the checkout is served until the last handle goes and nothing is pending
 // (queued calls keep the checkout alive, so client.checkout().call(...) on
-// a temporary works). Calls run in order, one at a time. Each callback is
-// wrapped in a frame named "CLIENT_NAME -> METHOD" ("-> ->()" for a plain
-// call) made inside the caller's frame, unless it is already framed; its
-// result comes through that frame, and so does its error, raised there:
+// a temporary works). Calls run in order, one at a time.
+//
+// Each callback is wrapped, when queued, in a frame named
+// "CLIENT_NAME -> METHOD" ("CLIENT_NAME -> ->()" for a plain call) made
+// inside the caller's current frame, unless it is already framed (then its
+// own frame is used). The result comes through that frame, so what the
+// callback throws reaches its catchers; an error is raised there too:
 // RemoteError for the worker's error reply, CheckoutError (TimeoutError)
-// when the checkout failed for good. Callbacks run only from the loop,
-// never inside call(). After an error the other queued calls are dropped
-// without running. Once the Client is gone, calls throw aet::Error.
+// when the checkout failed for good. With no catcher it propagates out of
+// the loop. Callbacks run only from the loop, never inside call(). After an
+// error the other queued calls are dropped without running. The callback's
+// Checkout& may queue more calls. Once the Client is gone, calls throw
+// aet::Error("client is gone").
+//
+// With CheckoutOptions::log_defer, each call is timed in it under its
+// method name ("->()" for a plain call) from send to reply, and the log a
+// worker sends back (meta "ld") is merged into it. The checkout lets its
+// copy go when released, or as soon as it fails for good.
 class Checkout {
  public:
   using Callback = std::function<void(Checkout& checkout, Json result)>;
@@ -1346,8 +1355,21 @@ class Checkout {
 };
 
 // The pool of worker connections to one server, and its checkouts. It uses
-// the event loop only through EventHost, which must outlive it. Destroying
-// it closes every worker and discards pending checkouts and calls silently.
+// the event loop only through EventHost, which must outlive it.
+//
+// Workers are connecting, idle or held by a checkout. A new one is connected
+// while fewer than min_workers exist, or when a checkout with a call waits,
+// none is idle and fewer than max_workers exist (connecting ones count).
+// A failed connect is retried every 0.2 s while there is such demand, so
+// checkouts made before the server is up are served once it is, within
+// their timeout. An idle worker that dies is dropped at once and replaced
+// as needed. A worker is closed, never reused, after a fatal error on its
+// checkout, after an error reply (unless dont_refork_after_error), or once
+// it served max_checkouts; otherwise a released checkout sends "dn" and
+// its worker goes back to the pool.
+//
+// Destroying the client closes every worker and discards pending
+// checkouts and calls silently (their callbacks never run).
 class Client {
  public:
   // Resolves the address (throws aet::Error for a bad one) and starts
@@ -4795,6 +4817,10 @@ inline std::string encode_call(const std::optional<std::string>& method, Json ar
   return encode_frame(Json(std::move(message)));
 }
 
+// A list, not a deque: an empty one allocates nothing, and a pending
+// checkout holds two.
+using CallQueue = std::list<ClientCall>;
+
 struct CheckoutCore;
 
 // A worker's own max_checkouts (see ClientOptions::max_checkouts_jitter):
@@ -4856,7 +4882,7 @@ struct CheckoutCore {
   bool queued = false;                  // waiting for a worker
   std::list<CheckoutCore*>::iterator queue_position;
   ClientWorker* worker = nullptr;
-  std::deque<ClientCall> calls;  // the front one is on the wire when in_flight
+  CallQueue calls;  // the front one is on the wire when in_flight
   bool in_flight = false;
   double timeout = forever;
   Timer timeout_timer;
@@ -4866,7 +4892,7 @@ struct CheckoutCore {
   bool failed = false;     // for good: later calls get `fatal`
   bool fatal_is_timeout = false;
   std::string fatal;
-  std::deque<ClientCall> doomed;  // calls to fail with `fatal`, from the loop
+  CallQueue doomed;  // calls to fail with `fatal`, from the loop
   Timer doomed_timer;
 
   std::exception_ptr fatal_error() const {
@@ -5178,7 +5204,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   void on_reply(const std::shared_ptr<ClientWorker>& worker, Json message) {
     CheckoutCore* holder = worker->checkout;
     if (!holder || !holder->in_flight) {
-      worker_failed(worker, "protocol error: unexpected reply from an idle worker");
+      worker_failed(worker, "protocol error: a reply with no call in flight");
       return;
     }
     if (!message.is_array() || message.size() < 3 || !message[0].is_string() ||
@@ -5216,7 +5242,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       return;
     }
     core->had_error = true;
-    std::deque<ClientCall> discarded = std::move(core->calls);
+    CallQueue discarded = std::move(core->calls);
     core->calls.clear();
     const std::string text = payload.is_string() ? payload.as_string() : payload.dump();
     deliver_error(core, std::move(call), std::make_exception_ptr(RemoteError(text)),
@@ -5269,7 +5295,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   // call that gets the error (the one in flight, else the first queued);
   // the others go to `discarded`.
   std::optional<ClientCall> doom(CheckoutCore& core, bool timeout, const std::string& message,
-                                 std::deque<ClientCall>& discarded) {
+                                 CallQueue& discarded) {
     core.failed = true;
     core.fatal_is_timeout = timeout;
     core.fatal = message;
@@ -5290,7 +5316,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
 
   // A fatal error seen from the loop: delivered now.
   void fail(const std::shared_ptr<CheckoutCore>& core, bool timeout, const std::string& message) {
-    std::deque<ClientCall> discarded;
+    CallQueue discarded;
     std::optional<ClientCall> target = doom(*core, timeout, message, discarded);
     pump();
     if (target) {
@@ -5329,7 +5355,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
 
   void throw_fatal_error(const std::shared_ptr<CheckoutCore>& core, const std::string& message) {
     if (core->failed) return;  // the first error sticks
-    std::deque<ClientCall> discarded;
+    CallQueue discarded;
     std::optional<ClientCall> target = doom(*core, false, message, discarded);
     if (target) doom_later(core, std::move(*target));
     pump();
@@ -5341,10 +5367,10 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   // checkout lets its LogDefer go; one with nothing left is released.
   // Discarded calls are destroyed after the delivery, not before it.
   struct SettleGuard {
-    SettleGuard(std::shared_ptr<CheckoutCore> settled, std::deque<ClientCall> dropped)
+    SettleGuard(std::shared_ptr<CheckoutCore> settled, CallQueue dropped)
         : core(std::move(settled)), discarded(std::move(dropped)) {}
     std::shared_ptr<CheckoutCore> core;
-    std::deque<ClientCall> discarded;
+    CallQueue discarded;
     SettleGuard(const SettleGuard&) = delete;
     SettleGuard& operator=(const SettleGuard&) = delete;
     ~SettleGuard() {
@@ -5369,7 +5395,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   }
 
   void deliver_error(std::shared_ptr<CheckoutCore> core, ClientCall call, std::exception_ptr error,
-                     std::deque<ClientCall> discarded) {
+                     CallQueue discarded) {
     SettleGuard settle(std::move(core), std::move(discarded));
     ClientCall delivered = std::move(call);  // goes before the guard: it may hold the last handle
     delivered.context.raise(std::move(error));
