@@ -6,6 +6,7 @@
 
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -598,6 +599,40 @@ TEST_CASE("an interface that crashes on every call, hit by 200 checkouts: 200 cl
   REQUIRE_FALSE(run_until(loop, [&] { return client.worker_count() != pool; }, 0.5));
   CHECK(aet_test::children_of(server.pid()).size() == pool);
   CHECK(log.count("killed by signal 6") == 200);
+}
+
+TEST_CASE("a client out of descriptors keeps its checkouts waiting, without spinning, until it has them again") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  co.min_workers = 1;
+  co.max_workers = 2;
+  aet::Client client(loop, co);
+  aet::Checkout holder = client.checkout();
+  worker_pid(loop, holder);  // the only worker stays held by `holder`
+  // No new descriptor for this process: the soft limit goes down to its
+  // lowest free descriptor number, so socket() fails with EMFILE.
+  int lowest_free = 0;
+  while (::fcntl(lowest_free, F_GETFD) != -1) ++lowest_free;
+  rlimit old_limit{};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &old_limit) == 0);
+  rlimit starved = old_limit;
+  starved.rlim_cur = static_cast<rlim_t>(lowest_free);
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &starved) == 0);
+  Outcome waiting;
+  client.checkout().call("echo", {"waited"}, record_into(waiting));
+  rusage before{}, after{};
+  ::getrusage(RUSAGE_SELF, &before);
+  const bool served_while_starved = run_until(loop, [&] { return waiting.ended(); }, 0.6);
+  ::getrusage(RUSAGE_SELF, &after);
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &old_limit) == 0);
+  CHECK_FALSE(served_while_starved);
+  auto seconds = [](const timeval& t) { return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_usec) * 1e-6; };
+  const double cpu = seconds(after.ru_utime) - seconds(before.ru_utime) + seconds(after.ru_stime) - seconds(before.ru_stime);
+  CHECK(cpu < 0.2);  // retries every 0.2 s; spinning would burn the whole 0.6 s
+  REQUIRE(run_until(loop, [&] { return waiting.ended(); }, 5));
+  CHECK(waiting.value == "waited");
 }
 
 // ---- backpressure ----

@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -14,7 +15,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <fstream>
 #include <map>
+#include <sstream>
 #include <set>
 #include <string>
 #include <thread>
@@ -360,6 +363,41 @@ TEST_CASE("a handler that blocks every signal, ignores SIGALRM and spins is kill
   CHECK(aet_test::process_gone(worker));
   CHECK(s.serves());
   CHECK(s.no_children_left());
+}
+
+TEST_CASE("a server out of descriptors pauses accepting instead of spinning, and serves once it has them again") {
+  FaultServer s;
+  CHECK(s.serves());
+  // No new descriptor for the server: its lowest free number is 3, and the
+  // soft limit goes down to 3 (prlimit from here, on its process).
+  rlimit old_limit{};
+  REQUIRE(::prlimit(s.pid(), RLIMIT_NOFILE, nullptr, &old_limit) == 0);
+  rlimit starved = old_limit;
+  starved.rlim_cur = 3;
+  REQUIRE(::prlimit(s.pid(), RLIMIT_NOFILE, &starved, nullptr) == 0);
+  auto cpu_ticks = [&] {
+    std::ifstream in("/proc/" + std::to_string(s.pid()) + "/stat");
+    std::string line;
+    std::getline(in, line);
+    std::istringstream fields(line.substr(line.rfind(')') + 2));
+    std::string field;
+    long long ticks = 0;
+    for (int i = 3; i <= 15 && fields >> field; ++i)
+      if (i >= 14) ticks += std::stoll(field);  // utime + stime
+    return ticks;
+  };
+  RawWire waiting(s.address());  // connected, in the backlog: accept fails
+  REQUIRE(s.log.wait_for("accept: Too many open files"));
+  const long long ticks_before = cpu_ticks();
+  const std::size_t lines_before = s.log.count("accept: Too many open files");
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // an interval measured, not a wait for an event
+  const long long ticks = cpu_ticks() - ticks_before;
+  const std::size_t lines = s.log.count("accept: Too many open files") - lines_before;
+  CHECK(ticks <= 10);  // a spinning master would burn about 50 ticks in 0.5 s
+  CHECK(lines <= 8);   // one attempt per pause of 0.1 s, not a storm
+  REQUIRE(::prlimit(s.pid(), RLIMIT_NOFILE, &old_limit, nullptr) == 0);
+  CHECK(waiting.result(args({"echo", "at last"}), 5) == args({"at last"}));
+  CHECK(s.serves());
 }
 
 // ---- security --------------------------------------------------------------
