@@ -4239,14 +4239,14 @@ class Worker {
           protocol_error(e.what());
         }
         if (!reply.empty()) send_all(reply);
-        if (worker_stop_requested) ::_exit(0);
+        if (worker_stop_requested) exit_for_stop();
       }
       // The stop signals are let in only inside ppoll(), atomically: a
       // SIGTERM cannot slip in between the check and the wait. They are let
       // in even if a handler blocked them: the worker owns them.
       sigset_t previous;
       sigprocmask(SIG_BLOCK, &stop_signals, &previous);
-      if (worker_stop_requested) ::_exit(0);
+      if (worker_stop_requested) exit_for_stop();
       sigset_t waiting = previous;
       sigdelset(&waiting, SIGTERM);
       sigdelset(&waiting, SIGINT);
@@ -4278,6 +4278,22 @@ class Worker {
   [[noreturn]] void protocol_error(const std::string& what) {
     log_line(prefix_ + "protocol error: " + what);
     ::_exit(1);
+  }
+  // Exits for SIGTERM/SIGINT with a clean end of stream. Closing with input
+  // unread (a request that came too late, the "dn" after a last reply)
+  // would make TCP reset the connection, which may discard a reply still in
+  // flight: the end is sent first, then what has arrived is read and
+  // dropped (a bounded amount: a client that keeps sending cannot hold the
+  // worker).
+  [[noreturn]] void exit_for_stop() {
+    ::shutdown(conn_, SHUT_WR);
+    char scrap[4096];
+    for (int round = 0; round < 256; ++round) {
+      ssize_t n = ::recv(conn_, scrap, sizeof scrap, MSG_DONTWAIT);
+      if (n > 0 || (n < 0 && errno == EINTR)) continue;
+      break;
+    }
+    ::_exit(0);
   }
   [[noreturn]] void fail(const std::string& what) {
     log_line(prefix_ + what);

@@ -347,6 +347,24 @@ TEST_CASE("SIGTERM with busy workers: accepting stops at once, busy calls finish
   CHECK(s.log.text().find("killed") == std::string::npos);
 }
 
+TEST_CASE("a worker stopped with a request still unread closes its connection without a reset") {
+  // The request reaches the worker's socket just as it is told to stop:
+  // it exits without serving it, but must not leave it unread, or TCP
+  // resets the connection (and may throw away a reply sent just before).
+  FaultServer s({}, "tcp:127.0.0.1:0");
+  RawWire wire(s.address());
+  const auto worker = static_cast<pid_t>(wire.result(args({"pid"})).as_int());
+  REQUIRE(::kill(worker, SIGSTOP) == 0);
+  REQUIRE(eventually([&] { return aet_test::process_state(worker) == 'T'; }, 5));
+  REQUIRE(wire.send(args({"do", Json::object(), "echo", "too late"})));
+  REQUIRE(::kill(worker, SIGTERM) == 0);
+  REQUIRE(::kill(worker, SIGCONT) == 0);
+  CHECK(wire.closes_within(5));
+  CHECK(wire.ending() == aet_test::Ending::eof);
+  CHECK(eventually([&] { return aet_test::process_gone(worker); }, 5));
+  CHECK(s.serves());
+}
+
 TEST_CASE("a handler that blocks every signal, ignores SIGALRM and spins is killed, and the server says which and why") {
   FaultServer s([](aet::ServerOptions& o) { o.hung_worker_timeout = 0.3; });
   RawWire wire(s.address());
