@@ -299,9 +299,12 @@ class Json {
   Json(std::string_view value);
   Json(Array value);
   Json(Object value);  // throws JsonError for a duplicate key
-  // Always an array, whatever the elements: Json{a, b} is [a, b], and
-  // Json{Json::object()} is [{}]. Copy a value with Json(v) or `= v`, never
-  // with braces. Json{} is null (the default constructor).
+  // Always an array, whatever the elements: Json{a, b} is [a, b], Json{"k", 1}
+  // is ["k", 1], Json{1} is [1]; Json{} is null (the default constructor).
+  // One exception, from the language: braces around a single element that
+  // is itself a Json copy it under Clang before 18 (C++ core issue 2137)
+  // and wrap it under GCC, so write Json::array({x}) for [x] and Json(x)
+  // for a copy.
   Json(std::initializer_list<Json> elements);
   static Json array(std::initializer_list<Json> elements = {});
   // Always an object; throws JsonError for a duplicate key.

@@ -95,13 +95,18 @@ TEST_CASE("braces always make an array and object() always an object") {
   Json pairs{{"a", 1}, {"b", 2}};
   REQUIRE(pairs.dump() == R"([["a",1],["b",2]])");
 
-  Json wrapped{Json::object({{"a", 1}})};
+  // A one-element array of a Json: Json::array({x}) on every compiler
+  // (braces around a single Json copy it under Clang before 18).
+  Json wrapped = Json::array({Json::object({{"a", 1}})});
   REQUIRE(wrapped.is_array());
   REQUIRE(wrapped.size() == 1);
   REQUIRE(wrapped[0].is_object());
-
-  Json one{Json{1}};
-  REQUIRE(one.dump() == "[[1]]");
+  REQUIRE(Json::array({Json{1}}).dump() == "[[1]]");
+  REQUIRE(Json::array({Json::array()}).dump() == "[[]]");
+  REQUIRE(Json{Json::object(), Json::object()}.dump() == "[{},{}]");
+  REQUIRE(Json{Json{1}, 2}.dump() == "[[1],2]");
+  REQUIRE(Json{"one"}.dump() == R"(["one"])");
+  REQUIRE(Json{1}.dump() == "[1]");
 
   Json empty_braces{};
   REQUIRE(empty_braces.is_null());
