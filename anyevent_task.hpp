@@ -41,11 +41,14 @@
 
 #include <poll.h>
 #include <sys/types.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <charconv>
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -63,6 +66,7 @@
 #include <string_view>
 #include <system_error>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -498,13 +502,26 @@ Json end_request_log();
 //
 // Owns the poll(2) event loop and the small interface through which the
 // client runs on any loop (EventHost), plus RAII io watchers and timers.
-// Knows nothing of protocols, servers or clients.
+// Knows nothing of protocols, servers or clients. Single-threaded: a loop
+// and everything registered on it belong to one thread.
 // ===========================================================================
 
 enum IoEvents : unsigned { io_read = 1u, io_write = 2u };
 
 // What the client needs from an event loop. aet::Loop implements it; an
-// adapter for epoll, libuv or asio implements these five calls.
+// adapter for epoll, libuv or asio implements these five calls (see
+// tests/epoll_host.hpp for a complete one on epoll).
+//
+// The contract an implementation keeps:
+// - ids are never 0 and never reused while the host lives;
+// - remove_io / stop_timer of an id that is gone (removed, or a one-shot
+//   timer that fired) do nothing;
+// - any of the five calls may be made from inside any callback; a watcher
+//   or timer removed there is not called again, even if it was ready in the
+//   same round, and one added there waits for the next round;
+// - a callback may destroy the object that registered it, so the host keeps
+//   its own reference to a callback while calling it;
+// - readiness is level-triggered: an interest is reported while it holds.
 class EventHost {
  public:
   using Id = std::uint64_t;
@@ -512,26 +529,34 @@ class EventHost {
   using TimerCallback = std::function<void()>;
   virtual ~EventHost() = default;
 
-  // Errors and hang-ups are reported as io_read readiness.
+  // `events` is io_read, io_write, both, or 0 (registered, not watched).
+  // Errors and hang-ups are reported as io_read to a read interest and as
+  // io_write to a write interest, so a writer notices a dead peer.
   virtual Id add_io(int fd, unsigned events, IoCallback callback) = 0;
   virtual void modify_io(Id id, unsigned events) = 0;
   virtual void remove_io(Id id) = 0;
-  // One shot when repeat <= 0, else every `repeat` seconds after the first.
+  // Fires `after` seconds from now (<= 0: at the next round); one shot when
+  // repeat <= 0, else every `repeat` seconds after the first, on the grid
+  // first + k * repeat: no cumulative drift, and a timer that is late (a
+  // stalled loop) fires once, then at the next grid point after now.
   virtual Id start_timer(double after, double repeat, TimerCallback callback) = 0;
   virtual void stop_timer(Id id) = 0;
 };
 
-// An io interest that is removed when the watcher goes.
+// An io interest that is removed when the watcher goes. Move-only; the host
+// must outlive it. Resetting or destroying it inside its own callback is safe.
 class IoWatcher {
  public:
   IoWatcher() = default;
   IoWatcher(EventHost& host, int fd, unsigned events, EventHost::IoCallback callback);
   IoWatcher(IoWatcher&& other) noexcept;
   IoWatcher& operator=(IoWatcher&& other) noexcept;
+  IoWatcher(const IoWatcher&) = delete;
+  IoWatcher& operator=(const IoWatcher&) = delete;
   ~IoWatcher() { reset(); }
-  void set_events(unsigned events);
+  void set_events(unsigned events);  // throws aet::Error on an empty watcher
   unsigned events() const noexcept { return events_; }
-  void reset();  // removes the interest now
+  void reset() noexcept;  // removes the interest now
   explicit operator bool() const noexcept { return host_ != nullptr; }
 
  private:
@@ -540,15 +565,19 @@ class IoWatcher {
   unsigned events_ = 0;
 };
 
-// A timer that is stopped when the guard goes.
+// A timer that is stopped when the guard goes (a one-shot timer that fired
+// is simply gone; resetting the guard then does nothing). Move-only; the
+// host must outlive it. Resetting it inside its own callback is safe.
 class Timer {
  public:
   Timer() = default;
   Timer(EventHost& host, double after, double repeat, EventHost::TimerCallback callback);
   Timer(Timer&& other) noexcept;
   Timer& operator=(Timer&& other) noexcept;
+  Timer(const Timer&) = delete;
+  Timer& operator=(const Timer&) = delete;
   ~Timer() { reset(); }
-  void reset();
+  void reset() noexcept;
   explicit operator bool() const noexcept { return host_ != nullptr; }
 
  private:
@@ -561,7 +590,12 @@ struct LoopState;
 }
 
 // The poll(2) loop. run() is prepare() + poll() + process() in a loop, the
-// same calls an application with its own poll loop makes.
+// same calls an application with its own poll loop makes. Timers run on
+// CLOCK_MONOTONIC; timers with the same deadline fire in the order they
+// were started. An exception thrown by a callback propagates out of
+// process() / run_once() / run(); the loop stays consistent and usable
+// (the rest of that round is served by the next one). Watchers and timers
+// must not outlive the loop.
 class Loop : public EventHost {
  public:
   Loop();
@@ -569,10 +603,16 @@ class Loop : public EventHost {
   Loop(const Loop&) = delete;
   Loop& operator=(const Loop&) = delete;
 
+  // Several interests on one fd are allowed; each gets its own events.
+  // Throws aet::Error for a negative fd, unknown event bits, an empty
+  // callback, or modify_io of an id that is not registered.
   Id add_io(int fd, unsigned events, IoCallback callback) override;
   void modify_io(Id id, unsigned events) override;
   void remove_io(Id id) override;
   Id start_timer(double after, double repeat, TimerCallback callback) override;
+  // The same with an absolute deadline on the now() clock: timers started
+  // with one deadline fire together, in the order they were started.
+  Id start_timer_at(double deadline, double repeat, TimerCallback callback);
   void stop_timer(Id id) override;
 
   IoWatcher io(int fd, unsigned events, IoCallback callback) {
@@ -585,19 +625,28 @@ class Loop : public EventHost {
     return Timer(*this, seconds, seconds, std::move(callback));
   }
 
-  void run();                            // until stop() or nothing is left to wait for
-  bool run_once(double timeout = -1);    // one poll, at most `timeout` s (< 0: until an event);
-                                         // false when there was nothing to wait for
-  void stop();                           // makes run() return after this dispatch
+  // Until stop() or nothing is left to wait for (no interest with events,
+  // no timer). A stop() made before run() does not count.
+  void run();
+  // One poll of at most `timeout` seconds (< 0: until something happens),
+  // then the dispatch. False, at once, when there was nothing to wait for
+  // and the timeout is infinite. run() and run_once() may not be called
+  // from inside one of this loop's callbacks (aet::Error).
+  bool run_once(double timeout = -1);
+  void stop();  // makes run() return after the current dispatch
 
-  // Embedding: append this loop's interests to `fds` and return the poll
-  // timeout it needs in ms (-1: none), to be lowered into your own.
+  // Embedding (the pull style of c-ares and curl_multi_waitfds). Before
+  // your poll(): prepare() appends one entry per fd this loop watches (the
+  // events of its interests OR'ed) and returns the timeout it needs in ms,
+  // rounded up (-1: none; 0: a timer is due). Lower your timeout to it.
   int prepare(std::vector<pollfd>& fds);
-  // After poll(): hand back the entries prepare() appended (in any place
-  // of your array); runs ready callbacks and due timers.
+  // After poll(): hand back the entries, anywhere in your array, in any
+  // order (entries for other fds are ignored). Dispatches the readiness to
+  // the interests the last prepare() polled, then runs the due timers.
   void process(const pollfd* fds, std::size_t count);
+  void process(const std::vector<pollfd>& fds) { process(fds.data(), fds.size()); }
 
-  static double now();  // monotonic seconds
+  static double now();  // monotonic seconds (CLOCK_MONOTONIC)
 
  private:
   std::unique_ptr<detail::LoopState> state_;
@@ -2323,6 +2372,344 @@ inline Json end_request_log() {
 
 
 // ---- implementation: loop --------------------------------------------------
+
+namespace aet {
+namespace detail {
+
+// Monotonic time in nanoseconds: integer deadlines, so a repeating timer's
+// grid never drifts and timeouts round exactly.
+inline std::int64_t monotonic_ns() noexcept {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);  // cannot fail for this clock
+  return static_cast<std::int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+// A delay in seconds as nanoseconds, rounded up so nothing fires early;
+// negative means now; capped at ~31 years so deadline sums cannot overflow.
+inline std::int64_t delay_ns(double seconds, const char* what) {
+  if (std::isnan(seconds)) throw Error(std::string("aet::Loop: ") + what + " is not a number");
+  if (seconds <= 0) return 0;
+  constexpr double max_seconds = 1e9;
+  return static_cast<std::int64_t>(std::ceil(std::min(seconds, max_seconds) * 1e9));
+}
+
+// Milliseconds for poll(), rounded up: a timeout rounded down would wake
+// before the deadline and spin with timeout 0 until it passes.
+// A repeat interval in ns, rounded to nearest (so the grid keeps its
+// period); 0 for a one-shot timer, at least 1 otherwise.
+inline std::int64_t interval_ns(double seconds) {
+  if (std::isnan(seconds)) throw Error("aet::Loop: timer interval is not a number");
+  if (seconds <= 0) return 0;
+  constexpr double max_seconds = 1e9;
+  return std::max<std::int64_t>(1, std::llround(std::min(seconds, max_seconds) * 1e9));
+}
+
+inline int poll_timeout_ms(std::int64_t ns) noexcept {
+  if (ns <= 0) return 0;
+  const std::int64_t ms = (ns + 999999) / 1000000;
+  return ms > INT_MAX ? INT_MAX : static_cast<int>(ms);
+}
+
+inline void check_io_events(unsigned events) {
+  if (events & ~static_cast<unsigned>(io_read | io_write))
+    throw Error("aet::Loop: io events must be io_read, io_write or both");
+}
+
+// What poll() reported for one fd, as this interest's events. Errors and
+// hang-ups wake both readers and writers.
+inline unsigned readiness(short revents, unsigned interest) noexcept {
+  unsigned events = 0;
+  if ((interest & io_read) && (revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))) events |= io_read;
+  if ((interest & io_write) && (revents & (POLLOUT | POLLHUP | POLLERR | POLLNVAL))) events |= io_write;
+  return events;
+}
+
+// Entries are found by id in maps, never through pointers held across a
+// callback. Ids come from one counter and are never reused (the counter is
+// the generation): an id that was removed finds nothing, so a watcher or
+// timer removed during dispatch is skipped. Callbacks are shared_ptrs; the
+// dispatcher holds its own copy while calling, so a callback may remove
+// itself or destroy what owns it.
+struct LoopState {
+  struct Io {
+    int fd;
+    unsigned events;
+    std::shared_ptr<EventHost::IoCallback> callback;
+    unsigned polled_events = 0;  // what the last prepare() asked poll() for
+  };
+  struct TimerEntry {
+    std::int64_t deadline;
+    std::int64_t interval;  // 0: one shot
+    std::uint64_t seq;      // start order, for equal deadlines
+    std::shared_ptr<EventHost::TimerCallback> callback;
+  };
+  using QueueKey = std::pair<std::int64_t, std::uint64_t>;  // (deadline, seq)
+
+  EventHost::Id next_id = 1;
+  std::uint64_t next_seq = 1;
+  bool prepared = false;  // prepare() was called, process() has not consumed it
+  std::map<EventHost::Id, Io> ios;  // ordered by id: dispatch in registration order
+  std::map<EventHost::Id, TimerEntry> timers;
+  std::map<QueueKey, EventHost::Id> queue;  // every timer by its next deadline
+  bool dispatching = false;
+  bool stop_requested = false;
+  std::vector<pollfd> poll_fds;  // run_once()'s own array, reused
+
+  EventHost::Id add_timer(std::int64_t deadline, std::int64_t interval,
+                          EventHost::TimerCallback callback) {
+    if (!callback) throw Error("aet::Loop: empty timer callback");
+    const EventHost::Id id = next_id++;
+    TimerEntry entry{deadline, interval, next_seq++,
+                     std::make_shared<EventHost::TimerCallback>(std::move(callback))};
+    queue.emplace(QueueKey{deadline, entry.seq}, id);
+    timers.emplace(id, std::move(entry));
+    return id;
+  }
+
+  void dispatch_io(const pollfd* fds, std::size_t count) {
+    const bool fresh = std::exchange(prepared, false);  // a second process() reports nothing
+    if (!fresh || count == 0 || ios.empty()) return;
+    std::unordered_map<int, short> ready;
+    for (std::size_t i = 0; i < count; ++i)
+      if (fds[i].revents != 0) ready[fds[i].fd] |= fds[i].revents;
+    if (ready.empty()) return;
+
+    // Decide who is ready before calling anyone, from what was polled: an
+    // interest added or widened since prepare() gets nothing from this round.
+    struct Ready {
+      EventHost::Id id;
+      unsigned events;
+    };
+    std::vector<Ready> due;
+    for (const auto& [id, io] : ios) {
+      auto it = ready.find(io.fd);
+      if (it == ready.end()) continue;
+      if (unsigned events = readiness(it->second, io.polled_events)) due.push_back({id, events});
+    }
+    for (const Ready& r : due) {
+      auto it = ios.find(r.id);
+      if (it == ios.end()) continue;  // removed by an earlier callback
+      const unsigned events = r.events & it->second.events;  // narrowed since?
+      if (events == 0) continue;
+      std::shared_ptr<EventHost::IoCallback> callback = it->second.callback;
+      (*callback)(events);
+    }
+  }
+
+  void run_due_timers() {
+    if (queue.empty()) return;
+    const std::int64_t now = monotonic_ns();
+    // Only timers due now and started before this point: one started by a
+    // callback, even with delay 0, waits for the next round (no starvation).
+    std::vector<EventHost::Id> due;
+    for (auto it = queue.begin(); it != queue.end() && it->first.first <= now; ++it)
+      due.push_back(it->second);
+    for (EventHost::Id id : due) {
+      auto it = timers.find(id);
+      if (it == timers.end()) continue;  // stopped by an earlier callback
+      TimerEntry& timer = it->second;
+      std::shared_ptr<EventHost::TimerCallback> callback = timer.callback;
+      queue.erase(QueueKey{timer.deadline, timer.seq});
+      if (timer.interval > 0) {
+        // Next point of the grid deadline + k * interval after now.
+        std::int64_t next = timer.deadline + timer.interval;
+        if (next <= now) next += ((now - next) / timer.interval + 1) * timer.interval;
+        timer.deadline = next;
+        queue.emplace(QueueKey{next, timer.seq}, id);
+      } else {
+        timers.erase(it);
+      }
+      (*callback)();
+    }
+  }
+};
+
+// Clears the dispatching flag however process() ends.
+struct DispatchScope {
+  explicit DispatchScope(bool& flag) : flag_(flag) { flag_ = true; }
+  ~DispatchScope() { flag_ = false; }
+  DispatchScope(const DispatchScope&) = delete;
+  DispatchScope& operator=(const DispatchScope&) = delete;
+  bool& flag_;
+};
+
+}  // namespace detail
+
+// -- IoWatcher, Timer --
+
+inline IoWatcher::IoWatcher(EventHost& host, int fd, unsigned events, EventHost::IoCallback callback)
+    : host_(&host), id_(host.add_io(fd, events, std::move(callback))), events_(events) {}
+
+inline IoWatcher::IoWatcher(IoWatcher&& other) noexcept
+    : host_(std::exchange(other.host_, nullptr)),
+      id_(std::exchange(other.id_, 0)),
+      events_(std::exchange(other.events_, 0)) {}
+
+// Takes the new interest first and removes the old one last: removing may
+// destroy a callback that owns this watcher, so nothing touches *this after.
+inline IoWatcher& IoWatcher::operator=(IoWatcher&& other) noexcept {
+  if (this != &other) {
+    EventHost* old_host = std::exchange(host_, std::exchange(other.host_, nullptr));
+    const EventHost::Id old_id = std::exchange(id_, std::exchange(other.id_, 0));
+    events_ = std::exchange(other.events_, 0);
+    if (old_host) old_host->remove_io(old_id);
+  }
+  return *this;
+}
+
+inline void IoWatcher::set_events(unsigned events) {
+  if (!host_) throw Error("aet::IoWatcher::set_events on an empty watcher");
+  host_->modify_io(id_, events);
+  events_ = events;
+}
+
+inline void IoWatcher::reset() noexcept {
+  EventHost* host = std::exchange(host_, nullptr);
+  const EventHost::Id id = std::exchange(id_, 0);
+  events_ = 0;
+  if (host) host->remove_io(id);  // may destroy *this: last statement
+}
+
+inline Timer::Timer(EventHost& host, double after, double repeat, EventHost::TimerCallback callback)
+    : host_(&host), id_(host.start_timer(after, repeat, std::move(callback))) {}
+
+inline Timer::Timer(Timer&& other) noexcept
+    : host_(std::exchange(other.host_, nullptr)), id_(std::exchange(other.id_, 0)) {}
+
+inline Timer& Timer::operator=(Timer&& other) noexcept {
+  if (this != &other) {
+    EventHost* old_host = std::exchange(host_, std::exchange(other.host_, nullptr));
+    const EventHost::Id old_id = std::exchange(id_, std::exchange(other.id_, 0));
+    if (old_host) old_host->stop_timer(old_id);
+  }
+  return *this;
+}
+
+inline void Timer::reset() noexcept {
+  EventHost* host = std::exchange(host_, nullptr);
+  const EventHost::Id id = std::exchange(id_, 0);
+  if (host) host->stop_timer(id);  // may destroy *this: last statement
+}
+
+// -- Loop --
+
+inline Loop::Loop() : state_(std::make_unique<detail::LoopState>()) {}
+
+inline Loop::~Loop() = default;
+
+inline EventHost::Id Loop::add_io(int fd, unsigned events, IoCallback callback) {
+  if (fd < 0) throw Error("aet::Loop::add_io: invalid descriptor " + std::to_string(fd));
+  detail::check_io_events(events);
+  if (!callback) throw Error("aet::Loop::add_io: empty callback");
+  const Id id = state_->next_id++;
+  state_->ios.emplace(
+      id, detail::LoopState::Io{fd, events, std::make_shared<IoCallback>(std::move(callback))});
+  return id;
+}
+
+inline void Loop::modify_io(Id id, unsigned events) {
+  detail::check_io_events(events);
+  auto it = state_->ios.find(id);
+  if (it == state_->ios.end()) throw Error("aet::Loop::modify_io: no io interest with this id");
+  it->second.events = events;
+}
+
+inline void Loop::remove_io(Id id) { state_->ios.erase(id); }
+
+inline EventHost::Id Loop::start_timer(double after, double repeat, TimerCallback callback) {
+  const std::int64_t delay = detail::delay_ns(after, "timer delay");
+  return state_->add_timer(detail::monotonic_ns() + delay, detail::interval_ns(repeat),
+                           std::move(callback));
+}
+
+inline EventHost::Id Loop::start_timer_at(double deadline, double repeat, TimerCallback callback) {
+  if (std::isnan(deadline)) throw Error("aet::Loop: timer deadline is not a number");
+  // Whole ns on the now() clock, rounded up; capped like a delay.
+  const double latest = static_cast<double>(detail::monotonic_ns()) + 1e18;
+  const double ns = std::min(std::max(deadline * 1e9, 0.0), latest);
+  return state_->add_timer(static_cast<std::int64_t>(std::ceil(ns)), detail::interval_ns(repeat),
+                           std::move(callback));
+}
+
+inline void Loop::stop_timer(Id id) {
+  auto& s = *state_;
+  auto it = s.timers.find(id);
+  if (it == s.timers.end()) return;
+  s.queue.erase(detail::LoopState::QueueKey{it->second.deadline, it->second.seq});
+  s.timers.erase(it);
+}
+
+inline int Loop::prepare(std::vector<pollfd>& fds) {
+  auto& s = *state_;
+  s.prepared = true;
+  // One entry per fd: index of each fd's entry among those appended here.
+  std::unordered_map<int, std::size_t> slot;
+  for (auto& [id, io] : s.ios) {
+    (void)id;
+    io.polled_events = io.events;
+    if (io.events == 0) continue;
+    const short want = static_cast<short>(((io.events & io_read) ? POLLIN : 0) |
+                                          ((io.events & io_write) ? POLLOUT : 0));
+    auto [it, inserted] = slot.emplace(io.fd, fds.size());
+    if (inserted) {
+      fds.push_back(pollfd{io.fd, want, 0});
+    } else {
+      fds[it->second].events = static_cast<short>(fds[it->second].events | want);
+    }
+  }
+  if (s.queue.empty()) return -1;
+  return detail::poll_timeout_ms(s.queue.begin()->first.first - detail::monotonic_ns());
+}
+
+inline void Loop::process(const pollfd* fds, std::size_t count) {
+  auto& s = *state_;
+  if (s.dispatching) throw Error("aet::Loop: process() called from inside one of its callbacks");
+  detail::DispatchScope scope(s.dispatching);
+  s.dispatch_io(fds, count);
+  s.run_due_timers();
+}
+
+inline bool Loop::run_once(double timeout) {
+  auto& s = *state_;
+  if (s.dispatching) throw Error("aet::Loop: run_once() called from inside one of its callbacks");
+  if (std::isnan(timeout)) throw Error("aet::Loop::run_once: timeout is not a number");
+  std::vector<pollfd>& fds = s.poll_fds;
+  fds.clear();
+  int wait = prepare(fds);
+  if (timeout >= 0) {
+    const int limit = detail::poll_timeout_ms(detail::delay_ns(timeout, "timeout"));
+    wait = wait < 0 ? limit : std::min(wait, limit);
+  } else if (fds.empty() && wait < 0) {
+    s.prepared = false;
+    return false;  // nothing could ever wake us
+  }
+  if (::poll(fds.data(), static_cast<nfds_t>(fds.size()), wait) < 0) {
+    const int error = errno;
+    if (error != EINTR) throw SystemError("poll", error);
+    for (pollfd& p : fds) p.revents = 0;  // a signal: no readiness, timers may be due
+  }
+  process(fds.data(), fds.size());
+  return true;
+}
+
+inline void Loop::run() {
+  auto& s = *state_;
+  if (s.dispatching) throw Error("aet::Loop: run() called from inside one of its callbacks");
+  s.stop_requested = false;
+  while (!s.stop_requested && run_once(-1)) {
+  }
+  s.stop_requested = false;
+}
+
+inline void Loop::stop() { state_->stop_requested = true; }
+
+inline double Loop::now() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) / 1e9;
+}
+
+}  // namespace aet
 
 // ---- implementation: protocol ----------------------------------------------
 
