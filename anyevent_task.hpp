@@ -39,12 +39,27 @@
 #ifndef ANYEVENT_TASK_HPP
 #define ANYEVENT_TASK_HPP
 
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
 #include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
+#include <sys/un.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <charconv>
 #include <chrono>
@@ -61,6 +76,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -710,14 +726,19 @@ using Methods = std::map<std::string, Method, std::less<>>;
 using CatchAll = std::function<Json(const Json& args)>;  // every argument
 using Interface = std::variant<Methods, CatchAll>;
 
+// Process titles (prctl PR_SET_NAME, shown by ps and /proc/PID/comm) are
+// "aet-server:NAME" and "aet-worker:NAME", cut to the 15 bytes Linux keeps:
+// "aet-worker:hasher" reads "aet-worker:hash". Log lines carry the full name.
 struct ServerOptions {
   std::string listen;                 // "unix:PATH", "tcp:HOST:PORT", "tcp:[V6]:PORT"
-  std::string name = "aet";           // process titles aet-server:NAME, aet-worker:NAME
+  std::string name = "aet";           // in process titles and log lines
   std::function<void()> setup;        // once per worker, lazily, retried after a throw
   std::function<void()> checkout_done;  // a checkout was released normally ("dn")
-  double hung_worker_timeout = 300;   // seconds a request may run; 0: no limit
+  // Seconds one request (setup included) may run; the worker then exits:
+  // SIGALRM first (logged), SIGKILL one second later. 0: no limit.
+  double hung_worker_timeout = 300;
   Interface interface;                // method table or catch-all
-  unsigned socket_mode = 0600;        // Unix socket file permissions
+  unsigned socket_mode = 0600;        // Unix socket file permissions, exactly
   std::size_t max_frame = default_max_frame;
 };
 
@@ -725,11 +746,26 @@ namespace detail {
 struct ServerState;
 }
 
+class TaskServer;
+TaskServer fork_task_server(ServerOptions options);
+
+// The listening socket and the master loop. The master only accepts, forks
+// one worker per connection and reaps; workers serve requests.
+//
+// While run() is active the process is the server's: it handles SIGTERM,
+// SIGINT, SIGCHLD (reaping every child of the process with waitpid(-1)) and
+// ignores SIGPIPE; the old dispositions come back when run() returns. A
+// worker uses SIGTERM/SIGINT (finish the request, then exit) and SIGALRM
+// (hung_worker_timeout) for itself.
 class Server {
  public:
   // Binds and listens at once (so a TCP port 0 is known); throws ServerError.
+  // A stale Unix socket file (nobody listening) is replaced; a live one, or
+  // a file that is not a socket, is an error. If descriptor 0, 1 or 2 is
+  // closed it is opened on /dev/null, so that no server descriptor takes a
+  // standard number a worker keeps.
   explicit Server(ServerOptions options);
-  ~Server();
+  ~Server();  // closes the socket; removes the Unix socket file it created
   Server(const Server&) = delete;
   Server& operator=(const Server&) = delete;
 
@@ -737,11 +773,16 @@ class Server {
   const std::string& address() const;
   int port() const;  // 0 for Unix sockets
 
-  // Accepts and forks until SIGTERM/SIGINT or stop(); reaps every child.
+  // Accepts and forks until SIGTERM/SIGINT or stop(). Stopping closes the
+  // listening socket and removes the socket file at once, sends SIGTERM to
+  // the workers (an idle one exits, a busy one replies first), waits for
+  // them (killing what is left after hung_worker_timeout) and returns.
+  // Runs once; one Server may run in a process at a time.
   void run();
-  void stop();  // async-signal-safe
+  void stop();  // async-signal-safe; before run(), run() returns at once
 
  private:
+  friend TaskServer fork_task_server(ServerOptions options);
   std::unique_ptr<detail::ServerState> state_;
 };
 
@@ -751,19 +792,29 @@ class TaskServer {
  public:
   TaskServer(TaskServer&&) noexcept;
   TaskServer& operator=(TaskServer&&) noexcept;
-  ~TaskServer();
+  ~TaskServer();  // stop()
   pid_t pid() const noexcept { return pid_; }
   const std::string& address() const noexcept { return address_; }
-  void stop();  // ends the server and waits for it
+  int port() const noexcept { return port_; }  // 0 for Unix sockets
+  // Ends the server (as SIGTERM would) and reaps it; after 5 s it is
+  // killed. Idempotent.
+  void stop() noexcept;
 
  private:
   friend TaskServer fork_task_server(ServerOptions options);
-  TaskServer(pid_t pid, int keepalive_fd, std::string address);
+  TaskServer(pid_t pid, int keepalive_fd, std::string address, int port);
   pid_t pid_ = -1;
   int keepalive_fd_ = -1;
   std::string address_;
+  int port_ = 0;
 };
 
+// Binds here (errors are thrown here, the port is known), then forks a
+// process that runs the server. That process ends when the handle is
+// dropped or this process dies: it watches a keep-alive socket whose other
+// end only this process holds (and asks for SIGTERM on parent death, which
+// Linux sends when the forking *thread* ends). A child this process forks
+// without exec keeps the keep-alive end open too.
 TaskServer fork_task_server(ServerOptions options);
 
 // ===========================================================================
@@ -2714,6 +2765,1079 @@ inline double Loop::now() {
 // ---- implementation: protocol ----------------------------------------------
 
 // ---- implementation: server ------------------------------------------------
+
+namespace aet {
+namespace detail {
+namespace server_internals {
+
+// A descriptor closed when the guard goes.
+class OwnedFd {
+ public:
+  OwnedFd() = default;
+  explicit OwnedFd(int fd) noexcept : fd_(fd) {}
+  OwnedFd(OwnedFd&& other) noexcept : fd_(other.release()) {}
+  OwnedFd& operator=(OwnedFd&& other) noexcept {
+    if (this != &other) reset(other.release());
+    return *this;
+  }
+  OwnedFd(const OwnedFd&) = delete;
+  OwnedFd& operator=(const OwnedFd&) = delete;
+  ~OwnedFd() { reset(); }
+  int get() const noexcept { return fd_; }
+  int release() noexcept {
+    int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
+  void reset(int fd = -1) noexcept {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = fd;
+  }
+  explicit operator bool() const noexcept { return fd_ >= 0; }
+
+ private:
+  int fd_ = -1;
+};
+
+inline std::string errno_text(int error) { return std::strerror(error); }
+
+inline double monotonic_seconds() noexcept {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
+}
+
+inline std::string format_seconds(double seconds) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%g", seconds);
+  return text;
+}
+
+// One line to stderr in one write(2), so lines of concurrent processes do
+// not interleave.
+inline void log_line(const std::string& line) noexcept {
+  std::string text = line;
+  text += '\n';
+  const char* data = text.data();
+  std::size_t left = text.size();
+  while (left > 0) {
+    ssize_t n = ::write(2, data, left);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return;
+    }
+    data += n;
+    left -= static_cast<std::size_t>(n);
+  }
+}
+
+// Linux keeps 15 bytes of a process title; longer ones are cut.
+inline void set_process_title(const std::string& title) noexcept {
+#ifdef __linux__
+  char name[16] = {};
+  std::memcpy(name, title.data(), std::min<std::size_t>(title.size(), 15));
+  prctl(PR_SET_NAME, name, 0, 0, 0);
+#else
+  (void)title;
+#endif
+}
+
+inline std::string process_title() {
+#ifdef __linux__
+  char name[17] = {};
+  if (prctl(PR_GET_NAME, name, 0, 0, 0) == 0) return name;
+#endif
+  return {};
+}
+
+// Closes every descriptor of the process except those in `keep`.
+inline void close_descriptors_except(std::vector<int> keep) noexcept {
+  std::sort(keep.begin(), keep.end());
+  keep.erase(std::unique(keep.begin(), keep.end()), keep.end());
+  keep.erase(std::remove_if(keep.begin(), keep.end(), [](int fd) { return fd < 0; }), keep.end());
+#if defined(__linux__) && defined(SYS_close_range)
+  {
+    bool closed = true;
+    unsigned next = 0;
+    for (int fd : keep) {
+      if (static_cast<unsigned>(fd) > next &&
+          ::syscall(SYS_close_range, next, static_cast<unsigned>(fd) - 1, 0u) != 0) {
+        closed = false;
+        break;
+      }
+      next = static_cast<unsigned>(fd) + 1;
+    }
+    if (closed && ::syscall(SYS_close_range, next, ~0u, 0u) == 0) return;
+  }
+#endif
+  // No close_range(2): list /proc/self/fd first, then close.
+  auto kept = [&keep](int fd) { return std::binary_search(keep.begin(), keep.end(), fd); };
+  if (DIR* dir = ::opendir("/proc/self/fd")) {
+    std::vector<int> open;
+    int own = ::dirfd(dir);
+    while (dirent* entry = ::readdir(dir)) {
+      if (entry->d_name[0] < '0' || entry->d_name[0] > '9') continue;
+      int fd = std::atoi(entry->d_name);
+      if (fd != own && !kept(fd)) open.push_back(fd);
+    }
+    ::closedir(dir);
+    for (int fd : open) ::close(fd);
+    return;
+  }
+  long limit = ::sysconf(_SC_OPEN_MAX);
+  if (limit < 0 || limit > 65536) limit = 65536;
+  for (int fd = 0; fd < limit; ++fd)
+    if (!kept(fd)) ::close(fd);
+}
+
+// If 0, 1 or 2 is closed, opens /dev/null there: a socket or pipe of ours
+// must never get a number a worker keeps as "standard".
+inline void ensure_standard_descriptors() noexcept {
+  for (int fd = 0; fd <= 2; ++fd) {
+    if (::fcntl(fd, F_GETFD) != -1 || errno != EBADF) continue;
+    int opened = ::open("/dev/null", O_RDWR);
+    if (opened >= 0 && opened != fd) {
+      ::dup2(opened, fd);
+      ::close(opened);
+    }
+  }
+}
+
+// Every signal blocked while the guard lives, so that no handler of the
+// parent runs in a child between fork() and the child's own setup.
+class SignalsBlocked {
+ public:
+  SignalsBlocked() noexcept {
+    sigset_t all;
+    sigfillset(&all);
+    sigprocmask(SIG_BLOCK, &all, &previous_);
+  }
+  ~SignalsBlocked() { sigprocmask(SIG_SETMASK, &previous_, nullptr); }
+  SignalsBlocked(const SignalsBlocked&) = delete;
+  SignalsBlocked& operator=(const SignalsBlocked&) = delete;
+
+ private:
+  sigset_t previous_;
+};
+
+// In a fresh child: every disposition back to the default. The mask stays
+// as it is (all blocked) until the child has its own handlers.
+inline void reset_signal_dispositions() noexcept {
+  struct sigaction deflt {};
+  deflt.sa_handler = SIG_DFL;
+  sigemptyset(&deflt.sa_mask);
+  for (int sig = 1; sig < NSIG; ++sig)
+    if (sig != SIGKILL && sig != SIGSTOP) sigaction(sig, &deflt, nullptr);
+}
+
+inline void unblock_all_signals() noexcept {
+  sigset_t none;
+  sigemptyset(&none);
+  sigprocmask(SIG_SETMASK, &none, nullptr);
+}
+
+inline void install_handler(int sig, void (*handler)(int), int flags) noexcept {
+  struct sigaction action {};
+  action.sa_handler = handler;
+  action.sa_flags = flags;
+  sigemptyset(&action.sa_mask);
+  sigaction(sig, &action, nullptr);
+}
+
+// ---- addresses ----
+
+struct ListenAddress {
+  bool is_unix = false;
+  std::string path;  // unix
+  std::string host;  // tcp, without brackets
+  std::string port;  // tcp, decimal
+};
+
+inline ListenAddress parse_listen_address(const std::string& text) {
+  auto bad = [&text](const std::string& why) {
+    return ServerError("bad listen address \"" + text + "\": " + why);
+  };
+  ListenAddress address;
+  if (text.compare(0, 5, "unix:") == 0) {
+    address.is_unix = true;
+    address.path = text.substr(5);
+    if (address.path.empty()) throw bad("empty socket path");
+    if (address.path.size() >= sizeof(sockaddr_un{}.sun_path))
+      throw bad("socket path longer than " + std::to_string(sizeof(sockaddr_un{}.sun_path) - 1) +
+                " bytes");
+    if (address.path.find('\0') != std::string::npos) throw bad("NUL byte in the socket path");
+    return address;
+  }
+  if (text.compare(0, 4, "tcp:") != 0) throw bad("expected unix:PATH or tcp:HOST:PORT");
+  std::string rest = text.substr(4);
+  auto colon = rest.rfind(':');
+  if (colon == std::string::npos) throw bad("expected tcp:HOST:PORT");
+  address.host = rest.substr(0, colon);
+  address.port = rest.substr(colon + 1);
+  if (!address.host.empty() && address.host.front() == '[') {
+    if (address.host.size() < 3 || address.host.back() != ']')
+      throw bad("unbalanced brackets around the IPv6 address");
+    address.host = address.host.substr(1, address.host.size() - 2);
+  } else if (address.host.find(':') != std::string::npos) {
+    throw bad("an IPv6 address needs brackets: tcp:[ADDRESS]:PORT");
+  }
+  if (address.host.empty()) throw bad("missing host");
+  if (address.port.empty() || address.port.size() > 5 ||
+      address.port.find_first_not_of("0123456789") != std::string::npos ||
+      std::stoul(address.port) > 65535)
+    throw bad("port must be a number from 0 to 65535");
+  return address;
+}
+
+inline std::string describe_bound_tcp(int fd, int& port) {
+  sockaddr_storage bound{};
+  socklen_t size = sizeof bound;
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &size) != 0)
+    throw ServerError("getsockname: " + errno_text(errno));
+  char ip[INET6_ADDRSTRLEN] = {};
+  if (bound.ss_family == AF_INET6) {
+    const auto* v6 = reinterpret_cast<const sockaddr_in6*>(&bound);
+    ::inet_ntop(AF_INET6, &v6->sin6_addr, ip, sizeof ip);
+    port = ntohs(v6->sin6_port);
+    return "tcp:[" + std::string(ip) + "]:" + std::to_string(port);
+  }
+  const auto* v4 = reinterpret_cast<const sockaddr_in*>(&bound);
+  ::inet_ntop(AF_INET, &v4->sin_addr, ip, sizeof ip);
+  port = ntohs(v4->sin_port);
+  return "tcp:" + std::string(ip) + ":" + std::to_string(port);
+}
+
+inline OwnedFd listen_tcp(const ListenAddress& address, const std::string& text) {
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  addrinfo* found = nullptr;
+  int status = ::getaddrinfo(address.host.c_str(), address.port.c_str(), &hints, &found);
+  if (status != 0)
+    throw ServerError("cannot resolve \"" + address.host + "\" for " + text + ": " +
+                      ::gai_strerror(status));
+  std::unique_ptr<addrinfo, void (*)(addrinfo*)> results(found, ::freeaddrinfo);
+  int error = EADDRNOTAVAIL;
+  std::string step = "bind";
+  for (addrinfo* ai = found; ai; ai = ai->ai_next) {
+    OwnedFd fd(::socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    if (!fd) {
+      error = errno;
+      step = "socket";
+      continue;
+    }
+    int on = 1;
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
+    if (::bind(fd.get(), ai->ai_addr, ai->ai_addrlen) != 0) {
+      error = errno;
+      step = "bind";
+      continue;
+    }
+    if (::listen(fd.get(), SOMAXCONN) != 0) {
+      error = errno;
+      step = "listen";
+      continue;
+    }
+    return fd;
+  }
+  throw ServerError("cannot " + step + " " + text + ": " + errno_text(error));
+}
+
+// True if a server accepts connections on the Unix socket at `path`.
+inline bool unix_socket_has_listener(const sockaddr_un& where, const std::string& path) {
+  OwnedFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!probe) throw ServerError("socket: " + errno_text(errno));
+  if (::connect(probe.get(), reinterpret_cast<const sockaddr*>(&where), sizeof where) == 0) return true;
+  int error = errno;
+  if (error == EAGAIN || error == EINPROGRESS) return true;  // listening, backlog full
+  if (error == ECONNREFUSED || error == ENOENT) return false;
+  throw ServerError("cannot tell whether a server listens on unix:" + path + ": " +
+                    errno_text(error));
+}
+
+struct UnixSocketFile {
+  dev_t device = 0;
+  ino_t inode = 0;
+};
+
+inline OwnedFd listen_unix(const std::string& path, unsigned mode, UnixSocketFile& file) {
+  sockaddr_un where{};
+  where.sun_family = AF_UNIX;
+  std::memcpy(where.sun_path, path.data(), path.size());
+  const std::string text = "unix:" + path;
+  for (int attempt = 0;; ++attempt) {
+    OwnedFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    if (!fd) throw ServerError("socket: " + errno_text(errno));
+    // On Linux the file bind() creates takes the socket's own mode, less
+    // the umask: setting it first means the file is never wider than asked.
+    if (::fchmod(fd.get(), mode) != 0)
+      throw ServerError("cannot set the mode of the socket for " + text + ": " + errno_text(errno));
+    if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&where), sizeof where) == 0) {
+      struct stat st {};
+      if (::lstat(path.c_str(), &st) != 0)
+        throw ServerError("cannot stat " + path + " after bind: " + errno_text(errno));
+      file.device = st.st_dev;
+      file.inode = st.st_ino;
+      // The umask may have narrowed the mode; the option says it exactly.
+      if ((st.st_mode & 07777) != mode && ::chmod(path.c_str(), mode) != 0) {
+        int error = errno;
+        ::unlink(path.c_str());
+        throw ServerError("cannot set mode of " + path + ": " + errno_text(error));
+      }
+      if (::listen(fd.get(), SOMAXCONN) != 0) {
+        int error = errno;
+        ::unlink(path.c_str());
+        throw ServerError("cannot listen on " + text + ": " + errno_text(error));
+      }
+      return fd;
+    }
+    int error = errno;
+    if (error != EADDRINUSE || attempt > 1)
+      throw ServerError("cannot bind " + text + ": " + errno_text(error));
+    struct stat st {};
+    if (::lstat(path.c_str(), &st) != 0) {
+      if (errno == ENOENT) continue;  // gone meanwhile
+      throw ServerError("cannot bind " + text + ": " + errno_text(errno));
+    }
+    if (!S_ISSOCK(st.st_mode))
+      throw ServerError("cannot bind " + text + ": the path exists and is not a socket (left alone)");
+    if (unix_socket_has_listener(where, path))
+      throw ServerError("address in use: another server is listening on " + text);
+    // A stale socket file: its server is gone.
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT)
+      throw ServerError("cannot remove the stale socket file " + path + ": " + errno_text(errno));
+  }
+}
+
+// ---- the worker ----
+
+// Set by SIGTERM/SIGINT in a worker: finish the request in progress, exit.
+inline volatile sig_atomic_t worker_stop_requested = 0;
+// The hung_worker_timeout line, formatted before any request so that the
+// signal handler only has to write(2) it.
+inline char hung_message[512];
+inline std::size_t hung_message_size = 0;
+
+inline void on_worker_stop_signal(int) { worker_stop_requested = 1; }
+
+inline void on_hung_worker(int) {
+  ssize_t written = ::write(2, hung_message, hung_message_size);
+  (void)written;
+  ::_exit(2);
+}
+
+// Two POSIX timers per worker, armed around each request: SIGALRM at the
+// timeout (logged exit) and SIGKILL one second later, for a handler that
+// blocks or catches SIGALRM.
+class HungTimer {
+ public:
+  explicit HungTimer(double seconds) {
+    polite_at_ = to_spec(seconds);
+    kill_at_ = to_spec(seconds + 1);
+    sigevent event{};
+    event.sigev_notify = SIGEV_SIGNAL;
+    event.sigev_signo = SIGALRM;
+    if (::timer_create(CLOCK_MONOTONIC, &event, &polite_) != 0)
+      throw ServerError("timer_create: " + errno_text(errno));
+    event.sigev_signo = SIGKILL;
+    if (::timer_create(CLOCK_MONOTONIC, &event, &kill_) != 0) {
+      int error = errno;
+      ::timer_delete(polite_);
+      throw ServerError("timer_create: " + errno_text(error));
+    }
+  }
+  ~HungTimer() {
+    ::timer_delete(polite_);
+    ::timer_delete(kill_);
+  }
+  HungTimer(const HungTimer&) = delete;
+  HungTimer& operator=(const HungTimer&) = delete;
+
+  void arm() noexcept {
+    ::timer_settime(polite_, 0, &polite_at_, nullptr);
+    ::timer_settime(kill_, 0, &kill_at_, nullptr);
+  }
+  void disarm() noexcept {
+    const itimerspec off{};
+    ::timer_settime(kill_, 0, &off, nullptr);
+    ::timer_settime(polite_, 0, &off, nullptr);
+  }
+
+ private:
+  static itimerspec to_spec(double seconds) {
+    itimerspec spec{};
+    spec.it_value.tv_sec = static_cast<time_t>(seconds);
+    spec.it_value.tv_nsec = static_cast<long>((seconds - static_cast<double>(spec.it_value.tv_sec)) * 1e9);
+    if (spec.it_value.tv_sec == 0 && spec.it_value.tv_nsec == 0) spec.it_value.tv_nsec = 1;
+    return spec;
+  }
+  timer_t polite_{};
+  timer_t kill_{};
+  itimerspec polite_at_{};
+  itimerspec kill_at_{};
+};
+
+// Replaces every non-ASCII byte: the last resort for an error message that
+// is not valid UTF-8.
+inline std::string ascii_only(std::string text) {
+  for (char& c : text)
+    if (static_cast<unsigned char>(c) >= 0x80) c = '?';
+  return text;
+}
+
+// One worker: serves the connection `conn` until EOF, then _exit(0).
+class Worker {
+ public:
+  Worker(const ServerOptions& options, int conn)
+      : options_(options), conn_(conn), decoder_(options.max_frame) {
+    prefix_ = "aet-worker:" + options_.name + "[" + std::to_string(::getpid()) + "]: ";
+    if (options_.hung_worker_timeout > 0) {
+      std::string line = prefix_ + "hung_worker_timeout of " +
+                         format_seconds(options_.hung_worker_timeout) + " s exceeded, exiting\n";
+      hung_message_size = std::min(line.size(), sizeof hung_message);
+      std::memcpy(hung_message, line.data(), hung_message_size);
+      try {
+        timer_.emplace(options_.hung_worker_timeout);
+      } catch (const std::exception& e) {
+        log_line(prefix_ + "no hung_worker_timeout: " + e.what());
+      }
+    }
+  }
+
+  [[noreturn]] void serve_forever() {
+    sigset_t stop_signals;
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGTERM);
+    sigaddset(&stop_signals, SIGINT);
+    std::vector<char> buffer(64 * 1024);
+    for (;;) {
+      for (;;) {
+        std::optional<Json> message;
+        try {
+          message = decoder_.next();
+        } catch (const std::exception& e) {
+          protocol_error(e.what());
+        }
+        if (!message) break;
+        serve(*message);
+        if (worker_stop_requested) ::_exit(0);
+      }
+      // The stop signals are let in only inside ppoll(), atomically: a
+      // SIGTERM cannot slip in between the check and the wait. They are let
+      // in even if a handler blocked them: the worker owns them.
+      sigset_t previous;
+      sigprocmask(SIG_BLOCK, &stop_signals, &previous);
+      if (worker_stop_requested) ::_exit(0);
+      sigset_t waiting = previous;
+      sigdelset(&waiting, SIGTERM);
+      sigdelset(&waiting, SIGINT);
+      pollfd readable{conn_, POLLIN, 0};
+      int ready = ::ppoll(&readable, 1, nullptr, &waiting);
+      int error = errno;
+      sigprocmask(SIG_SETMASK, &previous, nullptr);
+      if (ready < 0) {
+        if (error == EINTR || error == EAGAIN) continue;
+        fail("poll: " + errno_text(error));
+      }
+      ssize_t n = ::read(conn_, buffer.data(), buffer.size());
+      if (n == 0) ::_exit(0);
+      if (n < 0) {
+        error = errno;
+        if (error == EINTR || error == EAGAIN) continue;
+        if (error == ECONNRESET) ::_exit(0);
+        fail("read: " + errno_text(error));
+      }
+      try {
+        decoder_.feed(buffer.data(), static_cast<std::size_t>(n));
+      } catch (const std::exception& e) {
+        protocol_error(e.what());
+      }
+    }
+  }
+
+ private:
+  [[noreturn]] void protocol_error(const std::string& what) {
+    log_line(prefix_ + "protocol error: " + what);
+    ::_exit(1);
+  }
+  [[noreturn]] void fail(const std::string& what) {
+    log_line(prefix_ + what);
+    ::_exit(1);
+  }
+
+  void serve(Json& message) {
+    if (!message.is_array() || message.size() < 2 || !message[0].is_string())
+      protocol_error("malformed message");
+    const std::string& command = message[0].as_string();
+    if (command == "do") {
+      request(message);
+    } else if (command == "dn") {
+      checkout_done();
+    } else {
+      protocol_error("unexpected \"" + command + "\" message from the client");
+    }
+  }
+
+  void checkout_done() {
+    if (!options_.checkout_done) return;
+    try {
+      options_.checkout_done();
+    } catch (const std::exception& e) {
+      log_line(prefix_ + "checkout_done exception: " + e.what());
+    } catch (...) {
+      log_line(prefix_ + "checkout_done exception: unknown exception");
+    }
+  }
+
+  void request(Json& message) {
+    Json::Array& parts = message.as_array();
+    Json args(Json::Array(std::make_move_iterator(parts.begin() + 2),
+                          std::make_move_iterator(parts.end())));
+    bool ok = false;
+    Json result;
+    std::string error;
+    try {
+      detail::begin_request_log();
+    } catch (const std::exception& e) {
+      log_line(prefix_ + "cannot start the request log: " + e.what());
+    }
+    if (timer_) timer_->arm();
+    if (!setup_done_) {
+      try {
+        if (options_.setup) options_.setup();
+        setup_done_ = true;
+      } catch (const std::exception& e) {
+        error = std::string("setup exception: ") + e.what();
+      } catch (...) {
+        error = "setup exception: unknown exception";
+      }
+    }
+    if (setup_done_) {
+      try {
+        result = call(std::move(args));
+        ok = true;
+      } catch (const std::exception& e) {
+        error = e.what();
+      } catch (...) {
+        error = "unknown exception (not derived from std::exception)";
+      }
+    }
+    if (timer_) timer_->disarm();
+    Json log;
+    try {
+      log = detail::end_request_log();
+    } catch (const std::exception& e) {
+      log_line(prefix_ + "cannot finish the request log: " + e.what());
+    }
+    reply(ok, std::move(log), std::move(result), std::move(error));
+  }
+
+  Json call(Json args) {
+    if (const auto* methods = std::get_if<Methods>(&options_.interface)) {
+      Json::Array& all = args.as_array();
+      if (all.empty()) throw Error("no method name: the call has no arguments");
+      if (!all[0].is_string())
+        throw Error(std::string("method name must be a string, got ") + aet::to_string(all[0].type()));
+      const std::string& name = all[0].as_string();
+      auto method = methods->find(name);
+      if (method == methods->end()) throw Error("unknown method \"" + name + "\"");
+      if (!method->second) throw Error("method \"" + name + "\" has no function");
+      Json rest(Json::Array(std::make_move_iterator(all.begin() + 1),
+                            std::make_move_iterator(all.end())));
+      return method->second(rest);
+    }
+    return std::get<CatchAll>(options_.interface)(args);
+  }
+
+  // Sends ["ok", meta, result] or ["er", meta, error]. What JSON cannot
+  // carry becomes an error reply; a log that cannot be sent is dropped.
+  void reply(bool ok, Json log, Json result, std::string error) {
+    Json meta = Json::object();
+    if (!log.is_null()) meta["ld"] = std::move(log);
+    Json message = Json::array();
+    message.push_back(ok ? "ok" : "er");
+    message.push_back(std::move(meta));
+    if (ok) {
+      message.push_back(std::move(result));
+    } else {
+      message.push_back(error);
+    }
+    std::string frame;
+    try {
+      frame = encode_frame(message);
+    } catch (const std::exception& e) {
+      Json& sent_meta = message[1];
+      if (sent_meta.contains("ld")) {
+        try {
+          sent_meta.dump();
+        } catch (const std::exception& log_error) {
+          log_line(prefix_ + "request log dropped, JSON cannot carry it: " + log_error.what());
+          sent_meta = Json::object();
+        }
+      }
+      if (ok) error = std::string("result cannot be sent as JSON: ") + e.what();
+      message[0] = "er";
+      message[2] = error;
+      try {
+        frame = encode_frame(message);
+      } catch (const std::exception&) {
+        frame = encode_frame(Json{"er", Json::object(), ascii_only(error)});
+      }
+    }
+    send_all(frame);
+  }
+
+  void send_all(const std::string& bytes) {
+    const char* data = bytes.data();
+    std::size_t left = bytes.size();
+    while (left > 0) {
+      ssize_t n = ::send(conn_, data, left, MSG_NOSIGNAL);
+      if (n < 0) {
+        int error = errno;
+        if (error == EINTR) continue;
+        if (error == EPIPE || error == ECONNRESET) ::_exit(0);  // the client left
+        fail("write: " + errno_text(error));
+      }
+      data += n;
+      left -= static_cast<std::size_t>(n);
+    }
+  }
+
+  const ServerOptions& options_;
+  int conn_;
+  FrameDecoder decoder_;
+  std::string prefix_;
+  bool setup_done_ = false;
+  std::optional<HungTimer> timer_;
+};
+
+// The freshly forked child of the master: becomes a worker for `conn`.
+// Never returns.
+[[noreturn]] inline void become_worker(const ServerOptions& options, int conn) noexcept {
+  try {
+    reset_signal_dispositions();
+    install_handler(SIGTERM, on_worker_stop_signal, SA_RESTART);
+    install_handler(SIGINT, on_worker_stop_signal, SA_RESTART);
+    if (options.hung_worker_timeout > 0) install_handler(SIGALRM, on_hung_worker, 0);
+    unblock_all_signals();
+    close_descriptors_except({0, 1, 2, conn});
+    set_process_title("aet-worker:" + options.name);
+    Worker(options, conn).serve_forever();
+  } catch (const std::exception& e) {
+    log_line("aet-worker:" + options.name + "[" + std::to_string(::getpid()) + "]: " + e.what());
+  } catch (...) {
+  }
+  ::_exit(1);
+}
+
+}  // namespace server_internals
+
+struct ServerState {
+  ServerOptions options;
+  server_internals::OwnedFd listener;
+  std::string address;
+  int port = 0;
+  std::string unix_path;  // set for a Unix socket
+  server_internals::UnixSocketFile socket_file;
+  bool owns_socket_file = false;  // removed when the server stops
+  server_internals::OwnedFd wake_read, wake_write;  // the self-pipe
+  server_internals::OwnedFd keepalive;  // fork_task_server: EOF means stop
+  std::atomic<bool> stop_requested{false};
+  bool ran = false;
+  std::set<pid_t> workers;  // forked, not reaped yet
+
+  // Async-signal-safe.
+  void wake() noexcept {
+    char byte = 1;
+    ssize_t written = ::write(wake_write.get(), &byte, 1);
+    (void)written;
+  }
+  void request_stop() noexcept {
+    stop_requested.store(true);
+    wake();
+  }
+
+  // Removes the socket file if it is still the one this server created.
+  void remove_socket_file() noexcept {
+    if (!owns_socket_file) return;
+    owns_socket_file = false;
+    struct stat st {};
+    if (::lstat(unix_path.c_str(), &st) == 0 && st.st_dev == socket_file.device &&
+        st.st_ino == socket_file.inode)
+      ::unlink(unix_path.c_str());
+  }
+  void stop_listening() noexcept {
+    listener.reset();
+    remove_socket_file();
+  }
+};
+
+namespace server_internals {
+
+// The server whose run() is active: where the signal handlers write.
+inline std::atomic<ServerState*> running_server{nullptr};
+
+inline void on_server_stop_signal(int) {
+  int saved = errno;
+  if (ServerState* state = running_server.load()) state->request_stop();
+  errno = saved;
+}
+
+inline void on_server_child_signal(int) {
+  int saved = errno;
+  if (ServerState* state = running_server.load()) state->wake();
+  errno = saved;
+}
+
+// The signal handling and process title of a running server, put back
+// when run() returns.
+class RunningServerScope {
+ public:
+  explicit RunningServerScope(ServerState& state) {
+    ServerState* none = nullptr;
+    if (!running_server.compare_exchange_strong(none, &state))
+      throw ServerError("another aet::Server is already running in this process");
+    save_and_install(SIGTERM, on_server_stop_signal, SA_RESTART, 0);
+    save_and_install(SIGINT, on_server_stop_signal, SA_RESTART, 1);
+    save_and_install(SIGCHLD, on_server_child_signal, SA_RESTART | SA_NOCLDSTOP, 2);
+    save_and_install(SIGPIPE, SIG_IGN, 0, 3);
+    title_ = process_title();
+    set_process_title("aet-server:" + state.options.name);
+  }
+  ~RunningServerScope() {
+    if (!title_.empty()) set_process_title(title_);
+    for (int i = 0; i < 4; ++i) sigaction(signals_[i], &saved_[i], nullptr);
+    running_server.store(nullptr);
+  }
+  RunningServerScope(const RunningServerScope&) = delete;
+  RunningServerScope& operator=(const RunningServerScope&) = delete;
+
+ private:
+  void save_and_install(int sig, void (*handler)(int), int flags, int slot) {
+    struct sigaction action {};
+    action.sa_handler = handler;
+    action.sa_flags = flags;
+    sigemptyset(&action.sa_mask);
+    signals_[slot] = sig;
+    sigaction(sig, &action, &saved_[slot]);
+  }
+  int signals_[4] = {};
+  struct sigaction saved_[4] = {};
+  std::string title_;
+};
+
+// The master loop of one run().
+class MasterLoop {
+ public:
+  explicit MasterLoop(ServerState& state)
+      : state_(state), prefix_("aet-server:" + state.options.name + ": ") {}
+
+  void run() {
+    for (;;) {
+      if (!stopping_ && state_.stop_requested.load()) begin_stop();
+      reap();
+      if (stopping_) {
+        if (state_.workers.empty()) return;
+        double now = monotonic_seconds();
+        if (!killed_ && now >= kill_at_) {
+          for (pid_t pid : state_.workers) {
+            log_line(prefix_ + "worker " + std::to_string(pid) + " still busy, killing it");
+            ::kill(pid, SIGKILL);
+          }
+          killed_ = true;
+          give_up_at_ = now + 5;
+        }
+        if (killed_ && now >= give_up_at_) {
+          log_line(prefix_ + "giving up waiting for " + std::to_string(state_.workers.size()) +
+                   " killed worker(s)");
+          return;
+        }
+      }
+      wait_and_dispatch();
+    }
+  }
+
+ private:
+  void wait_and_dispatch() {
+    pollfd fds[3];
+    nfds_t count = 0;
+    fds[count++] = pollfd{state_.wake_read.get(), POLLIN, 0};
+    int listener_slot = -1, keepalive_slot = -1;
+    double now = monotonic_seconds();
+    if (state_.listener && now >= accept_paused_until_) {
+      listener_slot = static_cast<int>(count);
+      fds[count++] = pollfd{state_.listener.get(), POLLIN, 0};
+    }
+    if (state_.keepalive && !keepalive_closed_) {
+      keepalive_slot = static_cast<int>(count);
+      fds[count++] = pollfd{state_.keepalive.get(), POLLIN, 0};
+    }
+    double wake_at = -1;
+    if (state_.listener && now < accept_paused_until_) wake_at = accept_paused_until_;
+    if (stopping_) {
+      double deadline = killed_ ? give_up_at_ : kill_at_;
+      if (wake_at < 0 || deadline < wake_at) wake_at = deadline;
+    }
+    int timeout_ms = -1;
+    if (wake_at >= 0) {
+      double ms = (wake_at - now) * 1000 + 1;
+      timeout_ms = ms <= 0 ? 0 : ms > 1e9 ? 1000000000 : static_cast<int>(ms);
+    }
+    int ready = ::poll(fds, count, timeout_ms);
+    if (ready < 0) {
+      if (errno == EINTR) return;
+      throw ServerError("poll: " + errno_text(errno));
+    }
+    if (fds[0].revents) drain_wake_pipe();
+    if (keepalive_slot >= 0 && fds[keepalive_slot].revents) read_keepalive();
+    if (listener_slot >= 0 && fds[listener_slot].revents && state_.listener &&
+        !state_.stop_requested.load())
+      accept_connections();
+  }
+
+  void drain_wake_pipe() {
+    char bytes[256];
+    while (::read(state_.wake_read.get(), bytes, sizeof bytes) > 0) {
+    }
+  }
+
+  void read_keepalive() {
+    char bytes[256];
+    ssize_t n = ::read(state_.keepalive.get(), bytes, sizeof bytes);
+    if (n > 0 || (n < 0 && (errno == EINTR || errno == EAGAIN))) return;
+    // EOF: the handle was dropped or its process died. The descriptor
+    // stays open until this process exits: its closing tells the caller
+    // that the server is gone.
+    keepalive_closed_ = true;
+    state_.stop_requested.store(true);
+  }
+
+  void accept_connections() {
+    for (int i = 0; i < 64; ++i) {
+      int fd = ::accept4(state_.listener.get(), nullptr, nullptr, SOCK_CLOEXEC);
+      if (fd < 0) {
+        int error = errno;
+        if (error == EAGAIN || error == EWOULDBLOCK) return;
+        if (error == EINTR || error == ECONNABORTED || error == EPROTO) continue;
+        // Out of descriptors or memory: pause accepting instead of spinning.
+        log_line(prefix_ + "accept: " + errno_text(error));
+        accept_paused_until_ = monotonic_seconds() + 0.1;
+        return;
+      }
+      spawn_worker(OwnedFd(fd));
+      if (state_.stop_requested.load()) return;
+    }
+  }
+
+  void spawn_worker(OwnedFd conn) {
+    pid_t pid;
+    {
+      SignalsBlocked blocked;
+      pid = ::fork();
+      if (pid == 0) become_worker(state_.options, conn.get());
+    }
+    if (pid < 0) {
+      log_line(prefix_ + "cannot fork a worker, dropping the connection: " + errno_text(errno));
+      return;
+    }
+    state_.workers.insert(pid);
+  }
+
+  // Reaps every exited child; logs the workers that did not end well.
+  void reap() {
+    for (;;) {
+      int status = 0;
+      pid_t pid = ::waitpid(-1, &status, WNOHANG);
+      if (pid < 0 && errno == EINTR) continue;
+      if (pid <= 0) return;
+      if (state_.workers.erase(pid) == 0) continue;
+      if (WIFSIGNALED(status)) {
+        log_line(prefix_ + "worker " + std::to_string(pid) + " killed by signal " +
+                 std::to_string(WTERMSIG(status)));
+      } else if (WIFEXITED(status) && WEXITSTATUS(status) != 0) {
+        log_line(prefix_ + "worker " + std::to_string(pid) + " exited with status " +
+                 std::to_string(WEXITSTATUS(status)));
+      }
+    }
+  }
+
+  void begin_stop() {
+    stopping_ = true;
+    state_.stop_listening();
+    for (pid_t pid : state_.workers) ::kill(pid, SIGTERM);  // none is reaped yet
+    double timeout = state_.options.hung_worker_timeout;
+    kill_at_ = timeout > 0 ? monotonic_seconds() + timeout : 1e300;
+  }
+
+  ServerState& state_;
+  std::string prefix_;
+  bool stopping_ = false;
+  bool killed_ = false;
+  bool keepalive_closed_ = false;
+  double kill_at_ = 0;
+  double give_up_at_ = 0;
+  double accept_paused_until_ = 0;
+};
+
+inline void check_options(const ServerOptions& options) {
+  if (!(options.hung_worker_timeout >= 0) || options.hung_worker_timeout > 1e9)
+    throw ServerError("hung_worker_timeout must be a number of seconds, 0 or more");
+  if (options.socket_mode > 07777) throw ServerError("socket_mode must be a permission mode");
+  if (const auto* catch_all = std::get_if<CatchAll>(&options.interface); catch_all && !*catch_all)
+    throw ServerError("the catch-all interface function is empty");
+  if (options.max_frame == 0) throw ServerError("max_frame must be positive");
+}
+
+}  // namespace server_internals
+}  // namespace detail
+
+inline Server::Server(ServerOptions options) : state_(std::make_unique<detail::ServerState>()) {
+  namespace si = detail::server_internals;
+  si::check_options(options);
+  si::ensure_standard_descriptors();
+  auto& state = *state_;
+  state.options = std::move(options);
+  si::ListenAddress where = si::parse_listen_address(state.options.listen);
+  int pipe_fds[2];
+  if (::pipe2(pipe_fds, O_CLOEXEC | O_NONBLOCK) != 0)
+    throw ServerError("pipe: " + si::errno_text(errno));
+  state.wake_read.reset(pipe_fds[0]);
+  state.wake_write.reset(pipe_fds[1]);
+  if (where.is_unix) {
+    state.listener = si::listen_unix(where.path, state.options.socket_mode, state.socket_file);
+    state.unix_path = where.path;
+    state.owns_socket_file = true;
+    state.address = "unix:" + where.path;
+  } else {
+    state.listener = si::listen_tcp(where, state.options.listen);
+    state.address = si::describe_bound_tcp(state.listener.get(), state.port);
+  }
+}
+
+inline Server::~Server() {
+  if (state_) state_->stop_listening();
+}
+
+inline const std::string& Server::address() const { return state_->address; }
+
+inline int Server::port() const { return state_->port; }
+
+inline void Server::stop() { state_->request_stop(); }
+
+inline void Server::run() {
+  namespace si = detail::server_internals;
+  auto& state = *state_;
+  if (state.ran) throw ServerError("Server::run() was already called");
+  state.ran = true;
+  si::RunningServerScope scope(state);
+  try {
+    si::MasterLoop(state).run();
+  } catch (...) {
+    state.stop_listening();
+    throw;
+  }
+  state.stop_listening();
+}
+
+inline TaskServer::TaskServer(pid_t pid, int keepalive_fd, std::string address, int port)
+    : pid_(pid), keepalive_fd_(keepalive_fd), address_(std::move(address)), port_(port) {}
+
+inline TaskServer::TaskServer(TaskServer&& other) noexcept
+    : pid_(std::exchange(other.pid_, -1)),
+      keepalive_fd_(std::exchange(other.keepalive_fd_, -1)),
+      address_(std::move(other.address_)),
+      port_(other.port_) {}
+
+inline TaskServer& TaskServer::operator=(TaskServer&& other) noexcept {
+  if (this != &other) {
+    stop();
+    pid_ = std::exchange(other.pid_, -1);
+    keepalive_fd_ = std::exchange(other.keepalive_fd_, -1);
+    address_ = std::move(other.address_);
+    port_ = other.port_;
+  }
+  return *this;
+}
+
+inline TaskServer::~TaskServer() { stop(); }
+
+inline void TaskServer::stop() noexcept {
+  namespace si = detail::server_internals;
+  if (pid_ > 0) {
+    bool ended = false;
+    if (keepalive_fd_ >= 0) {
+      // Our end half-closed: the server sees EOF and stops; its end closes
+      // when its process exits, which we see as EOF in turn.
+      ::shutdown(keepalive_fd_, SHUT_WR);
+      const double deadline = si::monotonic_seconds() + 5;
+      for (;;) {
+        double left = deadline - si::monotonic_seconds();
+        if (left <= 0) break;
+        pollfd gone{keepalive_fd_, POLLIN, 0};
+        int ready = ::poll(&gone, 1, static_cast<int>(left * 1000) + 1);
+        if (ready < 0 && errno == EINTR) continue;
+        if (ready <= 0) break;
+        char bytes[64];
+        ssize_t n = ::read(keepalive_fd_, bytes, sizeof bytes);
+        if (n > 0 || (n < 0 && (errno == EINTR || errno == EAGAIN))) continue;
+        ended = true;
+        break;
+      }
+    }
+    if (!ended) ::kill(pid_, SIGKILL);
+    int status = 0;
+    while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
+    }
+    pid_ = -1;
+  }
+  if (keepalive_fd_ >= 0) {
+    ::close(keepalive_fd_);
+    keepalive_fd_ = -1;
+  }
+}
+
+inline TaskServer fork_task_server(ServerOptions options) {
+  namespace si = detail::server_internals;
+  Server server(std::move(options));
+  detail::ServerState& state = *server.state_;
+  int pair[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0)
+    throw ServerError("socketpair: " + si::errno_text(errno));
+  si::OwnedFd caller_end(pair[0]), server_end(pair[1]);
+  const pid_t parent = ::getpid();
+  pid_t pid;
+  {
+    si::SignalsBlocked blocked;
+    pid = ::fork();
+    if (pid == 0) {
+      // The server process: never returns into the caller.
+      try {
+        si::reset_signal_dispositions();
+        si::unblock_all_signals();
+#ifdef __linux__
+        prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0);
+#endif
+        if (::getppid() != parent) ::_exit(0);  // the caller died already
+        si::close_descriptors_except({0, 1, 2, state.listener.get(), state.wake_read.get(),
+                                      state.wake_write.get(), server_end.get()});
+        caller_end.release();  // closed above
+        state.keepalive = std::move(server_end);
+        server.run();
+        ::_exit(0);
+      } catch (const std::exception& e) {
+        si::log_line("aet-server:" + state.options.name + ": " + e.what());
+      } catch (...) {
+      }
+      ::_exit(1);
+    }
+  }
+  if (pid < 0) throw ServerError("cannot fork the server process: " + si::errno_text(errno));
+  state.owns_socket_file = false;  // the server process removes it
+  return TaskServer(pid, caller_end.release(), state.address, state.port);
+  // `server` goes here: the caller's copy of the listening socket closes.
+}
+
+}  // namespace aet
 
 // ---- implementation: client ------------------------------------------------
 

@@ -1,0 +1,954 @@
+// Server tests: every behaviour seen from the wire, through raw sockets and
+// the codec (encode_frame / FrameDecoder), without the client.
+#include "anyevent_task.hpp"
+
+#include <catch2/catch.hpp>
+#include <netdb.h>
+#include <sys/inotify.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#include <chrono>
+#include <cmath>
+#include <fstream>
+#include <limits>
+#include <set>
+#include <thread>
+
+#include "test_support.hpp"
+
+namespace {
+
+using aet::Json;
+using aet_test::eventually;
+using aet_test::monotonic_now;
+using aet_test::TempDir;
+
+// ---- a raw connection speaking the wire protocol ----
+
+int connect_to(const std::string& address) {
+  if (address.compare(0, 5, "unix:") == 0) {
+    sockaddr_un where{};
+    where.sun_family = AF_UNIX;
+    std::string path = address.substr(5);
+    std::memcpy(where.sun_path, path.data(), path.size());
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&where), sizeof where) == 0) return fd;
+    int error = errno;
+    ::close(fd);
+    errno = error;
+    return -1;
+  }
+  std::string rest = address.substr(4);
+  auto colon = rest.rfind(':');
+  std::string host = rest.substr(0, colon), port = rest.substr(colon + 1);
+  if (host.front() == '[') host = host.substr(1, host.size() - 2);
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  if (::getaddrinfo(host.c_str(), port.c_str(), &hints, &found) != 0) return -1;
+  int fd = ::socket(found->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int rc = ::connect(fd, found->ai_addr, found->ai_addrlen);
+  ::freeaddrinfo(found);
+  if (rc == 0) return fd;
+  ::close(fd);
+  return -1;
+}
+
+class Wire {
+ public:
+  explicit Wire(const std::string& address) : fd_(connect_to(address)) {
+    if (fd_ < 0) throw std::runtime_error("cannot connect to " + address + ": " + std::strerror(errno));
+  }
+  ~Wire() { close(); }
+  Wire(const Wire&) = delete;
+  Wire& operator=(const Wire&) = delete;
+  void close() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+  void send_bytes(const std::string& bytes) {
+    std::size_t done = 0;
+    while (done < bytes.size()) {
+      ssize_t n = ::send(fd_, bytes.data() + done, bytes.size() - done, MSG_NOSIGNAL);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) throw std::runtime_error(std::string("send: ") + std::strerror(errno));
+      done += static_cast<std::size_t>(n);
+    }
+  }
+  void send(const Json& message) { send_bytes(aet::encode_frame(message)); }
+
+  // The next message; nothing if the connection closed. Throws after `limit` s.
+  std::optional<Json> receive(double limit = 5) {
+    const double deadline = monotonic_now() + limit;
+    for (;;) {
+      if (auto message = decoder_.next()) return message;
+      double left = deadline - monotonic_now();
+      if (left <= 0) throw std::runtime_error("no reply within the time limit");
+      pollfd p{fd_, POLLIN, 0};
+      if (::poll(&p, 1, static_cast<int>(left * 1000) + 1) <= 0) continue;
+      char buffer[65536];
+      ssize_t n = ::read(fd_, buffer, sizeof buffer);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return std::nullopt;
+      decoder_.feed(buffer, static_cast<std::size_t>(n));
+    }
+  }
+
+  // True if the connection closes (EOF or reset) within `limit` seconds
+  // without sending anything more.
+  bool closes_within(double limit) {
+    try {
+      return !receive(limit).has_value();
+    } catch (const std::runtime_error&) {
+      return false;
+    }
+  }
+
+  // Sends ["do", {}, args...] and returns the reply.
+  Json call(const Json& args) {
+    Json message = Json::array({"do", Json::object()});
+    for (const Json& arg : args.as_array()) message.push_back(arg);
+    send(message);
+    auto reply = receive();
+    if (!reply) throw std::runtime_error("the connection closed instead of replying");
+    return *reply;
+  }
+  // The result of an "ok" reply; anything else fails the test.
+  Json result(const Json& args) {
+    Json reply = call(args);
+    INFO(reply.dump());
+    REQUIRE(reply[0].as_string() == "ok");
+    return reply[2];
+  }
+  std::string error(const Json& args) {
+    Json reply = call(args);
+    INFO(reply.dump());
+    REQUIRE(reply[0].as_string() == "er");
+    return reply[2].as_string();
+  }
+
+  int fd() const { return fd_; }
+
+ private:
+  int fd_;
+  aet::FrameDecoder decoder_;
+};
+
+// ---- what the test servers run ----
+
+// Worker globals: each worker is a fork, so these count per worker.
+int setup_attempts = 0;
+int checkouts_done = 0;
+
+std::string proc_fd_target(const std::string& fd) {
+  char target[256] = {};
+  ssize_t n = ::readlink(("/proc/self/fd/" + fd).c_str(), target, sizeof target - 1);
+  return n > 0 ? std::string(target, static_cast<std::size_t>(n)) : std::string();
+}
+
+aet::Methods test_methods() {
+  return aet::Methods{
+      {"echo", [](const Json& args) { return args; }},
+      {"pid", [](const Json&) { return Json(static_cast<std::int64_t>(::getpid())); }},
+      {"throw", [](const Json& args) -> Json { throw std::runtime_error(args[0].as_string()); }},
+      {"throw_int", [](const Json&) -> Json { throw 42; }},
+      {"throw_bad_utf8", [](const Json&) -> Json { throw std::runtime_error("bad \xff byte"); }},
+      {"nan", [](const Json&) { return Json(std::nan("")); }},
+      {"bad_utf8", [](const Json&) { return Json(std::string("\xff\xfe")); }},
+      {"sleep",
+       [](const Json& args) {
+         std::this_thread::sleep_for(std::chrono::duration<double>(args[0].as_double()));
+         return Json("slept");
+       }},
+      {"spin_with_signals_blocked",
+       [](const Json&) -> Json {
+         sigset_t all;
+         sigfillset(&all);
+         sigprocmask(SIG_BLOCK, &all, nullptr);
+         const double until = monotonic_now() + 10;  // bounded, should be killed long before
+         while (monotonic_now() < until) {
+         }
+         return Json("survived");
+       }},
+      {"fds",
+       [](const Json&) {
+         Json list = Json::array();
+         DIR* dir = ::opendir("/proc/self/fd");
+         int own = ::dirfd(dir);
+         while (dirent* entry = ::readdir(dir)) {
+           if (entry->d_name[0] == '.' || std::atoi(entry->d_name) == own) continue;
+           list.push_back(Json{std::atoi(entry->d_name), proc_fd_target(entry->d_name)});
+         }
+         ::closedir(dir);
+         return list;
+       }},
+      {"block_sigterm",
+       [](const Json&) {
+         sigset_t term;
+         sigemptyset(&term);
+         sigaddset(&term, SIGTERM);
+         sigprocmask(SIG_BLOCK, &term, nullptr);
+         return Json("blocked");
+       }},
+      {"setup_attempts", [](const Json&) { return Json(setup_attempts); }},
+      {"checkouts_done", [](const Json&) { return Json(checkouts_done); }},
+      {"log",
+       [](const Json& args) {
+         aet::logger().info(args[0]);
+         return Json("logged");
+       }},
+      {"log_and_throw",
+       [](const Json& args) -> Json {
+         aet::logger().warn(args[0]);
+         throw std::runtime_error("after logging");
+       }},
+  };
+}
+
+aet::ServerOptions options_for(const std::string& address) {
+  aet::ServerOptions options;
+  options.listen = address;
+  options.name = "test";
+  options.interface = test_methods();
+  return options;
+}
+
+Json args(std::initializer_list<Json> items) { return Json::array(items); }
+
+// Captures what the server and its workers write to stderr: descriptor 2
+// points at a pipe while the server is forked, and is restored after.
+class StderrCapture {
+ public:
+  StderrCapture() {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe");
+    read_end_ = fds[0];
+    write_end_ = fds[1];
+  }
+  ~StderrCapture() {
+    if (write_end_ >= 0) ::close(write_end_);
+    ::close(read_end_);
+  }
+  StderrCapture(const StderrCapture&) = delete;
+  StderrCapture& operator=(const StderrCapture&) = delete;
+
+  // Runs `start` (which forks) with stderr sent to the pipe.
+  template <class F>
+  auto redirect(F start) {
+    int saved = ::dup(2);
+    ::dup2(write_end_, 2);
+    struct Restore {
+      int saved;
+      ~Restore() {
+        ::dup2(saved, 2);
+        ::close(saved);
+      }
+    } restore{saved};
+    return start();
+  }
+
+  // True once the captured text contains `needle` (waits up to `limit` s).
+  bool wait_for(const std::string& needle, double limit = 5) {
+    const double deadline = monotonic_now() + limit;
+    while (text_.find(needle) == std::string::npos) {
+      double left = deadline - monotonic_now();
+      if (left <= 0) return false;
+      pollfd p{read_end_, POLLIN, 0};
+      if (::poll(&p, 1, static_cast<int>(left * 1000) + 1) <= 0) continue;
+      char buffer[4096];
+      ssize_t n = ::read(read_end_, buffer, sizeof buffer);
+      if (n <= 0) return text_.find(needle) != std::string::npos;
+      text_.append(buffer, static_cast<std::size_t>(n));
+    }
+    return true;
+  }
+  const std::string& text() const { return text_; }
+
+ private:
+  int read_end_ = -1, write_end_ = -1;
+  std::string text_;
+};
+
+std::string read_comm(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/comm");
+  std::string line;
+  std::getline(in, line);
+  return line;
+}
+
+bool path_exists(const std::string& path) {
+  struct stat st {};
+  return ::lstat(path.c_str(), &st) == 0;
+}
+
+// Runs `body` in a forked child; its exit status, or -1 if it did not end
+// within `limit` seconds (it is killed then).
+int exit_status_of_child(const std::function<int()>& body, double limit = 5) {
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    int code = 99;
+    try {
+      code = body();
+    } catch (...) {
+      code = 98;
+    }
+    ::_exit(code);
+  }
+  int status = 0;
+  bool ended = eventually([&] { return ::waitpid(pid, &status, WNOHANG) == pid; }, limit);
+  if (!ended) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, &status, 0);
+    return -1;
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+}  // namespace
+
+// ---- calls ----
+
+TEST_CASE("a method table dispatches on the first argument and passes the rest") {
+  TempDir dir;
+  auto server = aet::fork_task_server(options_for(dir.unix_address()));
+  Wire wire(server.address());
+  Json reply = wire.call(args({"echo", 1, "two", Json::array({3})}));
+  CHECK(reply == Json::array({"ok", Json::object(), Json::array({1, "two", Json::array({3})})}));
+  CHECK(wire.result(args({"echo"})) == Json::array());
+}
+
+TEST_CASE("a catch-all receives every argument, the method name first") {
+  TempDir dir;
+  aet::ServerOptions options = options_for(dir.unix_address());
+  options.interface = aet::CatchAll([](const Json& all) { return Json::array({"got", all}); });
+  auto server = aet::fork_task_server(options);
+  Wire wire(server.address());
+  CHECK(wire.result(args({"hash", "secret", 7})) == Json::array({"got", Json::array({"hash", "secret", 7})}));
+  CHECK(wire.result(args({5, Json::object({{"k", "v"}})})) ==
+        Json::array({"got", Json::array({5, Json::object({{"k", "v"}})})}));
+  CHECK(wire.result(args({})) == Json::array({"got", Json::array()}));
+}
+
+TEST_CASE("an unknown method, a non-string or a missing method name is an error reply") {
+  TempDir dir;
+  auto server = aet::fork_task_server(options_for(dir.unix_address()));
+  Wire wire(server.address());
+  CHECK(wire.error(args({"xyz", 1})) == "unknown method \"xyz\"");
+  CHECK_THAT(wire.error(args({17})), Catch::Contains("method name must be a string"));
+  CHECK_THAT(wire.error(args({})), Catch::Contains("no method name"));
+  CHECK(wire.result(args({"echo", 1})) == Json::array({1}));
+}
+
+TEST_CASE("a handler's exception becomes an error reply and the same worker serves on") {
+  TempDir dir;
+  auto server = aet::fork_task_server(options_for(dir.unix_address()));
+  Wire wire(server.address());
+  Json pid = wire.result(args({"pid"}));
+  CHECK(wire.error(args({"throw", "the handler failed"})) == "the handler failed");
+  CHECK(wire.result(args({"pid"})) == pid);
+  CHECK_THAT(wire.error(args({"throw_int"})), Catch::Contains("unknown exception"));
+  CHECK(wire.result(args({"pid"})) == pid);
+}
+
+TEST_CASE("a result JSON cannot carry becomes an error reply") {
+  TempDir dir;
+  auto server = aet::fork_task_server(options_for(dir.unix_address()));
+  Wire wire(server.address());
+  Json pid = wire.result(args({"pid"}));
+  CHECK_THAT(wire.error(args({"nan"})), Catch::StartsWith("result cannot be sent as JSON: "));
+  CHECK_THAT(wire.error(args({"bad_utf8"})), Catch::StartsWith("result cannot be sent as JSON: "));
+  CHECK(wire.result(args({"pid"})) == pid);
+}
+
+TEST_CASE("an error message that is not UTF-8 still reaches the client") {
+  TempDir dir;
+  auto server = aet::fork_task_server(options_for(dir.unix_address()));
+  Wire wire(server.address());
+  CHECK(wire.error(args({"throw_bad_utf8"})) == "bad ? byte");
+}
+
+TEST_CASE("setup runs lazily at the first request, once, and is retried after it throws") {
+  TempDir dir;
+  aet::ServerOptions options = options_for(dir.unix_address());
+  const std::string marker = dir.file("setup-ran");
+  const std::string done_marker = dir.file("done-ran");
+  options.setup = [marker] {
+    ++setup_attempts;
+    std::ofstream(marker) << setup_attempts;
+    if (setup_attempts == 1) throw std::runtime_error("first setup fails");
+  };
+  options.checkout_done = [done_marker] { std::ofstream(done_marker) << "dn"; };
+  auto server = aet::fork_task_server(options);
+  Wire wire(server.address());
+  // The worker is up and has served a dn, yet setup has not run.
+  wire.send(Json::array({"dn", Json::object()}));
+  REQUIRE(eventually([&] { return path_exists(done_marker); }, 5));
+  CHECK_FALSE(path_exists(marker));
+  CHECK(wire.error(args({"pid"})) == "setup exception: first setup fails");
+  CHECK(wire.result(args({"setup_attempts"})) == 2);
+  CHECK(wire.result(args({"setup_attempts"})) == 2);
+  // Another worker runs its own setup, from scratch.
+  Wire other(server.address());
+  CHECK(other.error(args({"pid"})) == "setup exception: first setup fails");
+  CHECK(other.result(args({"setup_attempts"})) == 2);
+}
+
+TEST_CASE("checkout_done runs on dn, and its exception leaves the worker serving") {
+  TempDir dir;
+  aet::ServerOptions options = options_for(dir.unix_address());
+  options.checkout_done = [] {
+    ++checkouts_done;
+    if (checkouts_done == 2) throw std::runtime_error("checkout_done failed");
+  };
+  StderrCapture stderr_capture;
+  auto server = stderr_capture.redirect([&] { return aet::fork_task_server(options); });
+  Wire wire(server.address());
+  CHECK(wire.result(args({"checkouts_done"})) == 0);
+  wire.send(Json::array({"dn", Json::object()}));
+  CHECK(wire.result(args({"checkouts_done"})) == 1);
+  wire.send(Json::array({"dn", Json::object({{"unknown meta", true}})}));
+  wire.send(Json::array({"dn", Json::object()}));
+  CHECK(wire.result(args({"checkouts_done"})) == 3);
+  CHECK(stderr_capture.wait_for("checkout_done exception: checkout_done failed"));
+}
+
+TEST_CASE("a reply carries the request's log in meta ld, and {} when nothing was logged") {
+  TempDir dir;
+  auto server = aet::fork_task_server(options_for(dir.unix_address()));
+  Wire wire(server.address());
+  Json pid = wire.result(args({"pid"}));
+  Json quiet = wire.call(args({"pid"}));
+  CHECK(quiet[1] == Json::object());
+
+  Json logged = wire.call(args({"log", "hello from the worker"}));
+  REQUIRE(logged[0].as_string() == "ok");
+  REQUIRE(logged[1].contains("ld"));
+  const Json& ld = logged[1]["ld"];
+  CHECK(ld["pid"] == pid);
+  REQUIRE(ld["logs"].size() == 1);
+  CHECK(ld["logs"][0][1] == 30);
+  CHECK(ld["logs"][0][2] == "hello from the worker");
+
+  Json failed = wire.call(args({"log_and_throw", "before failing"}));
+  REQUIRE(failed[0].as_string() == "er");
+  CHECK(failed[2] == "after logging");
+  REQUIRE(failed[1].contains("ld"));
+  CHECK(failed[1]["ld"]["logs"][0][2] == "before failing");
+
+  // Each request has a fresh log.
+  CHECK(wire.call(args({"pid"}))[1] == Json::object());
+}
+
+// ---- hung workers ----
+
+TEST_CASE("a request longer than hung_worker_timeout makes the worker exit") {
+  TempDir dir;
+  aet::ServerOptions options = options_for(dir.unix_address());
+  options.hung_worker_timeout = 0.2;
+  StderrCapture stderr_capture;
+  auto server = stderr_capture.redirect([&] { return aet::fork_task_server(options); });
+  Wire wire(server.address());
+  wire.send(Json::array({"do", Json::object(), "sleep", 5}));
+  const double start = monotonic_now();
+  CHECK(wire.closes_within(3));
+  CHECK(monotonic_now() - start < 1.0);
+  CHECK(stderr_capture.wait_for("hung_worker_timeout of 0.2 s exceeded, exiting"));
+  CHECK(stderr_capture.wait_for("exited with status 2"));
+  // The server serves on.
+  Wire next(server.address());
+  CHECK(next.result(args({"echo", 1})) == Json::array({1}));
+}
+
+TEST_CASE("a handler that blocks every signal and spins is killed after hung_worker_timeout") {
+  TempDir dir;
+  aet::ServerOptions options = options_for(dir.unix_address());
+  options.hung_worker_timeout = 0.2;
+  StderrCapture stderr_capture;
+  auto server = stderr_capture.redirect([&] { return aet::fork_task_server(options); });
+  Wire wire(server.address());
+  wire.send(Json::array({"do", Json::object(), "spin_with_signals_blocked"}));
+  const double start = monotonic_now();
+  CHECK(wire.closes_within(4));
+  CHECK(monotonic_now() - start < 2.5);
+  CHECK(stderr_capture.wait_for("killed by signal 9"));
+}
+
+TEST_CASE("requests shorter than hung_worker_timeout never trip it, however many") {
+  TempDir dir;
+  aet::ServerOptions options = options_for(dir.unix_address());
+  options.hung_worker_timeout = 0.2;
+  auto server = aet::fork_task_server(options);
+  Wire wire(server.address());
+  Json pid = wire.result(args({"pid"}));
+  const double start = monotonic_now();
+  while (monotonic_now() - start < 0.5) CHECK(wire.result(args({"sleep", 0.02})) == "slept");
+  // Idle for longer than the timeout: the timer is disarmed between requests.
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  CHECK(wire.result(args({"pid"})) == pid);
+}
+
+// ---- processes ----
+
+TEST_CASE("process titles name the server and the worker, cut to 15 bytes") {
+  TempDir dir;
+  aet::ServerOptions options = options_for(dir.unix_address());
+  options.name = "hasher";
+  auto server = aet::fork_task_server(options);
+  Wire wire(server.address());
+  auto worker = static_cast<pid_t>(wire.result(args({"pid"})).as_int());
+  CHECK(read_comm(worker) == "aet-worker:hash");
+  CHECK(eventually([&] { return read_comm(server.pid()) == "aet-server:hash"; }, 5));
+
+  TempDir dir2;
+  aet::ServerOptions short_name = options_for(dir2.unix_address());
+  short_name.name = "ab";
+  auto server2 = aet::fork_task_server(short_name);
+  Wire wire2(server2.address());
+  CHECK(read_comm(static_cast<pid_t>(wire2.result(args({"pid"})).as_int())) == "aet-worker:ab");
+  CHECK(read_comm(server2.pid()) == "aet-server:ab");
+}
+
+TEST_CASE("a worker holds only descriptors 0, 1, 2 and its connection") {
+  TempDir dir;
+  // Descriptors the test process holds must not leak into workers.
+  int stray = ::open("/dev/null", O_RDONLY);  // without O_CLOEXEC, on purpose
+  auto server = aet::fork_task_server(options_for(dir.unix_address()));
+  Wire first(server.address());
+  Wire wire(server.address());
+  Json fds = wire.result(args({"fds"}));
+  ::close(stray);
+  INFO(fds.dump());
+  REQUIRE(fds.size() == 4);
+  std::set<std::int64_t> numbers;
+  int sockets = 0;
+  for (const Json& entry : fds.as_array()) {
+    numbers.insert(entry[0].as_int());
+    if (entry[0].as_int() > 2 && entry[1].as_string().compare(0, 7, "socket:") == 0) ++sockets;
+  }
+  CHECK(numbers.count(0) == 1);
+  CHECK(numbers.count(1) == 1);
+  CHECK(numbers.count(2) == 1);
+  CHECK(sockets == 1);
+}
+
+TEST_CASE("a hundred concurrent connections get a hundred workers, all reaped after") {
+  rlimit limit{};
+  ::getrlimit(RLIMIT_NOFILE, &limit);
+  if (limit.rlim_cur < 512 && limit.rlim_max >= 512) {
+    limit.rlim_cur = 512;
+    ::setrlimit(RLIMIT_NOFILE, &limit);
+  }
+  TempDir dir;
+  auto server = aet::fork_task_server(options_for(dir.unix_address()));
+  std::vector<std::unique_ptr<Wire>> wires;
+  for (int i = 0; i < 100; ++i) wires.push_back(std::make_unique<Wire>(server.address()));
+  // All requests in flight at once, then all replies.
+  for (auto& wire : wires) wire->send(Json::array({"do", Json::object(), "pid"}));
+  std::set<std::int64_t> pids;
+  for (auto& wire : wires) {
+    auto reply = wire->receive();
+    REQUIRE(reply);
+    pids.insert((*reply)[2].as_int());
+  }
+  CHECK(pids.size() == 100);
+  CHECK(aet_test::children_of(server.pid()).size() == 100);
+  wires.clear();
+  CHECK(eventually([&] { return aet_test::children_of(server.pid()).empty(); }, 10));
+  for (std::int64_t pid : pids) CHECK_FALSE(aet_test::process_zombie(static_cast<pid_t>(pid)));
+}
+
+// ---- addresses and socket files ----
+
+TEST_CASE("a TCP server on IPv4 port 0 reports the port it bound") {
+  aet::ServerOptions options = options_for("tcp:127.0.0.1:0");
+  aet::Server probe(options_for("tcp:127.0.0.1:0"));
+  CHECK(probe.port() > 0);
+  CHECK(probe.address() == "tcp:127.0.0.1:" + std::to_string(probe.port()));
+  auto server = aet::fork_task_server(options);
+  REQUIRE(server.port() > 0);
+  CHECK(server.address() == "tcp:127.0.0.1:" + std::to_string(server.port()));
+  Wire wire(server.address());
+  CHECK(wire.result(args({"echo", "v4"})) == Json::array({"v4"}));
+}
+
+TEST_CASE("a TCP server on IPv6 port 0 reports the port it bound") {
+  auto server = aet::fork_task_server(options_for("tcp:[::1]:0"));
+  REQUIRE(server.port() > 0);
+  CHECK(server.address() == "tcp:[::1]:" + std::to_string(server.port()));
+  Wire wire(server.address());
+  CHECK(wire.result(args({"echo", "v6"})) == Json::array({"v6"}));
+}
+
+TEST_CASE("bad listen addresses are refused with a clear message") {
+  auto refused = [](const std::string& address) {
+    try {
+      aet::Server server(options_for(address));
+    } catch (const aet::ServerError& e) {
+      return std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  CHECK_THAT(refused("nonsense"), Catch::Contains("expected unix:PATH or tcp:HOST:PORT"));
+  CHECK_THAT(refused(""), Catch::Contains("expected unix:PATH or tcp:HOST:PORT"));
+  CHECK_THAT(refused("unix:"), Catch::Contains("empty socket path"));
+  CHECK_THAT(refused("unix:/tmp/" + std::string(200, 'x')), Catch::Contains("longer than"));
+  CHECK_THAT(refused("tcp:127.0.0.1"), Catch::Contains("expected tcp:HOST:PORT"));
+  CHECK_THAT(refused("tcp::::1:80"), Catch::Contains("needs brackets"));
+  CHECK_THAT(refused("tcp:127.0.0.1:99999"), Catch::Contains("port must be a number"));
+  CHECK_THAT(refused("tcp:127.0.0.1:http"), Catch::Contains("port must be a number"));
+  CHECK_THAT(refused("tcp::80"), Catch::Contains("missing host"));
+  CHECK_THAT(refused("tcp:[::1:80"), Catch::Contains("brackets"));
+  CHECK_THAT(refused("tcp:203.0.113.1:0"),
+             Catch::Contains("cannot bind tcp:203.0.113.1:0: ") &&
+                 Catch::Contains(std::strerror(EADDRNOTAVAIL)));
+  CHECK_THAT(refused("unix:/nonexistent-dir/s.sock"),
+             Catch::Contains("cannot bind unix:/nonexistent-dir/s.sock: ") &&
+                 Catch::Contains(std::strerror(ENOENT)));
+}
+
+TEST_CASE("a TCP port already in use is a bind error") {
+  aet::Server first(options_for("tcp:127.0.0.1:0"));
+  try {
+    aet::Server second(options_for(first.address()));
+    FAIL("the second bind succeeded");
+  } catch (const aet::ServerError& e) {
+    CHECK_THAT(e.what(), Catch::Contains(std::strerror(EADDRINUSE)));
+  }
+}
+
+TEST_CASE("a Unix socket file is created with mode 0600 whatever the umask, never wider") {
+  TempDir dir;
+  // inotify reports a chmod after creation as IN_ATTRIB: there is none, so
+  // the file was born with its final mode and was never wider.
+  int watch = ::inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
+  REQUIRE(watch >= 0);
+  REQUIRE(::inotify_add_watch(watch, dir.path().c_str(), IN_CREATE | IN_ATTRIB) >= 0);
+  mode_t old_umask = ::umask(0);
+  aet::Server server(options_for(dir.unix_address()));
+  ::umask(old_umask);
+  struct stat st {};
+  REQUIRE(::lstat(dir.file("s.sock").c_str(), &st) == 0);
+  CHECK(S_ISSOCK(st.st_mode));
+  CHECK((st.st_mode & 07777) == 0600);
+  alignas(inotify_event) char events[4096];
+  ssize_t n = ::read(watch, events, sizeof events);
+  ::close(watch);
+  REQUIRE(n > 0);
+  int created = 0, attribute_changes = 0;
+  for (ssize_t at = 0; at < n;) {
+    const auto* event = reinterpret_cast<const inotify_event*>(events + at);
+    if (event->len > 0 && std::string(event->name) == "s.sock") {
+      if (event->mask & IN_CREATE) ++created;
+      if (event->mask & IN_ATTRIB) ++attribute_changes;
+    }
+    at += static_cast<ssize_t>(sizeof(inotify_event) + event->len);
+  }
+  CHECK(created == 1);
+  CHECK(attribute_changes == 0);
+}
+
+TEST_CASE("socket_mode sets the socket file's mode exactly, even under a narrower umask") {
+  TempDir dir;
+  aet::ServerOptions options = options_for(dir.unix_address());
+  options.socket_mode = 0660;
+  mode_t old_umask = ::umask(077);
+  aet::Server server(options);
+  ::umask(old_umask);
+  struct stat st {};
+  REQUIRE(::lstat(dir.file("s.sock").c_str(), &st) == 0);
+  CHECK((st.st_mode & 07777) == 0660);
+}
+
+TEST_CASE("a stale socket file is replaced") {
+  TempDir dir;
+  const std::string path = dir.file("s.sock");
+  {
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un where{};
+    where.sun_family = AF_UNIX;
+    std::memcpy(where.sun_path, path.data(), path.size());
+    REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&where), sizeof where) == 0);
+    ::close(fd);  // the file stays, nobody listens
+  }
+  REQUIRE(path_exists(path));
+  auto server = aet::fork_task_server(options_for("unix:" + path));
+  Wire wire(server.address());
+  CHECK(wire.result(args({"echo", "replaced"})) == Json::array({"replaced"}));
+}
+
+TEST_CASE("a live server on the socket path is an error, and keeps its file") {
+  TempDir dir;
+  aet::Server first(options_for(dir.unix_address()));
+  try {
+    aet::Server second(options_for(dir.unix_address()));
+    FAIL("the second server bound the same path");
+  } catch (const aet::ServerError& e) {
+    CHECK_THAT(e.what(), Catch::Contains("address in use: another server is listening on unix:" +
+                                         dir.file("s.sock")));
+  }
+  CHECK(path_exists(dir.file("s.sock")));
+  CHECK_THROWS_AS(aet::fork_task_server(options_for(dir.unix_address())), aet::ServerError);
+  int fd = connect_to(dir.unix_address());
+  CHECK(fd >= 0);
+  ::close(fd);
+}
+
+TEST_CASE("a file that is not a socket is never replaced") {
+  TempDir dir;
+  const std::string path = dir.file("s.sock");
+  std::ofstream(path) << "precious";
+  try {
+    aet::Server server(options_for("unix:" + path));
+    FAIL("the server replaced a regular file");
+  } catch (const aet::ServerError& e) {
+    CHECK_THAT(e.what(), Catch::Contains("not a socket"));
+  }
+  std::ifstream in(path);
+  std::string content;
+  in >> content;
+  CHECK(content == "precious");
+}
+
+TEST_CASE("the socket file is removed when the server goes") {
+  TempDir dir;
+  const std::string path = dir.file("s.sock");
+  {
+    aet::Server server(options_for("unix:" + path));
+    CHECK(path_exists(path));
+  }
+  CHECK_FALSE(path_exists(path));
+}
+
+// ---- stopping ----
+
+TEST_CASE("stop() before run() makes run() return at once, with signal dispositions restored") {
+  TempDir dir;
+  const std::string path = dir.file("s.sock");
+  int status = exit_status_of_child([&] {
+    struct sigaction mine {};
+    mine.sa_handler = [](int) {};
+    sigemptyset(&mine.sa_mask);
+    sigaction(SIGTERM, &mine, nullptr);
+    aet::Server server(options_for("unix:" + path));
+    server.stop();
+    server.run();
+    struct sigaction now {};
+    sigaction(SIGTERM, nullptr, &now);
+    if (now.sa_handler != mine.sa_handler) return 2;
+    sigaction(SIGCHLD, nullptr, &now);
+    if (now.sa_handler != SIG_DFL) return 3;
+    if (path_exists(path)) return 4;
+    return 0;
+  });
+  CHECK(status == 0);
+}
+
+TEST_CASE("stop() from another thread makes run() return") {
+  TempDir dir;
+  int status = exit_status_of_child([&] {
+    aet::Server server(options_for(dir.unix_address()));
+    std::thread stopper([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      server.stop();
+    });
+    server.run();
+    stopper.join();
+    return 0;
+  });
+  CHECK(status == 0);
+}
+
+TEST_CASE("SIGTERM stops accepting, removes the socket file and lets a busy worker reply") {
+  TempDir dir;
+  const std::string path = dir.file("s.sock");
+  auto server = aet::fork_task_server(options_for("unix:" + path));
+  Wire idle(server.address());
+  Wire busy(server.address());
+  CHECK(idle.result(args({"echo"})) == Json::array());
+  busy.send(Json::array({"do", Json::object(), "sleep", 0.5}));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // let the request start
+  REQUIRE(::kill(server.pid(), SIGTERM) == 0);
+  CHECK(eventually([&] { return !path_exists(path); }, 5));
+  CHECK(connect_to("unix:" + path) < 0);
+  CHECK(idle.closes_within(2));
+  auto reply = busy.receive();
+  REQUIRE(reply);
+  CHECK((*reply)[2] == "slept");
+  CHECK(busy.closes_within(2));
+  CHECK(eventually([&] { return !aet_test::process_alive(server.pid()); }, 5));
+}
+
+TEST_CASE("SIGTERM to a worker: idle it exits, busy it replies first") {
+  TempDir dir;
+  auto server = aet::fork_task_server(options_for(dir.unix_address()));
+  Wire idle(server.address());
+  Wire busy(server.address());
+  auto idle_pid = static_cast<pid_t>(idle.result(args({"pid"})).as_int());
+  auto busy_pid = static_cast<pid_t>(busy.result(args({"pid"})).as_int());
+  busy.send(Json::array({"do", Json::object(), "sleep", 0.3}));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  ::kill(idle_pid, SIGTERM);
+  ::kill(busy_pid, SIGTERM);
+  CHECK(idle.closes_within(2));
+  auto reply = busy.receive();
+  REQUIRE(reply);
+  CHECK((*reply)[2] == "slept");
+  CHECK(busy.closes_within(2));
+}
+
+TEST_CASE("an idle worker exits on SIGTERM even after its handler blocked SIGTERM") {
+  TempDir dir;
+  auto server = aet::fork_task_server(options_for(dir.unix_address()));
+  Wire wire(server.address());
+  auto pid = static_cast<pid_t>(wire.result(args({"pid"})).as_int());
+  CHECK(wire.result(args({"block_sigterm"})) == "blocked");
+  ::kill(pid, SIGTERM);
+  CHECK(wire.closes_within(2));
+}
+
+TEST_CASE("a fork_task_server ends when its handle is dropped") {
+  TempDir dir;
+  const std::string path = dir.file("s.sock");
+  pid_t pid;
+  {
+    auto server = aet::fork_task_server(options_for("unix:" + path));
+    pid = server.pid();
+    Wire wire(server.address());
+    CHECK(wire.result(args({"echo"})) == Json::array());
+    CHECK(aet_test::process_alive(pid));
+  }
+  CHECK_FALSE(aet_test::process_alive(pid));
+  CHECK_FALSE(aet_test::process_zombie(pid));
+  CHECK_FALSE(path_exists(path));
+}
+
+TEST_CASE("a moved TaskServer keeps its server; the moved-from handle does nothing") {
+  TempDir dir;
+  auto first = aet::fork_task_server(options_for(dir.unix_address()));
+  pid_t pid = first.pid();
+  aet::TaskServer second(std::move(first));
+  first.stop();
+  CHECK(aet_test::process_alive(pid));
+  Wire wire(second.address());
+  CHECK(wire.result(args({"echo", 1})) == Json::array({1}));
+  second.stop();
+  CHECK_FALSE(aet_test::process_alive(pid));
+}
+
+TEST_CASE("a fork_task_server ends when the process that made it dies") {
+  TempDir dir;
+  int pipe_fds[2];
+  REQUIRE(::pipe2(pipe_fds, O_CLOEXEC) == 0);
+  pid_t middle = ::fork();
+  if (middle == 0) {
+    try {
+      auto server = aet::fork_task_server(options_for(dir.unix_address()));
+      pid_t pid = server.pid();
+      if (::write(pipe_fds[1], &pid, sizeof pid) != sizeof pid) ::_exit(1);
+      for (;;) ::pause();
+    } catch (...) {
+    }
+    ::_exit(1);
+  }
+  ::close(pipe_fds[1]);
+  pid_t server_pid = 0;
+  pollfd p{pipe_fds[0], POLLIN, 0};
+  REQUIRE(::poll(&p, 1, 5000) == 1);
+  REQUIRE(::read(pipe_fds[0], &server_pid, sizeof server_pid) == sizeof server_pid);
+  ::close(pipe_fds[0]);
+  REQUIRE(aet_test::process_alive(server_pid));
+  {
+    Wire wire(dir.unix_address());
+    CHECK(wire.result(args({"echo"})) == Json::array());
+  }
+  ::kill(middle, SIGKILL);
+  ::waitpid(middle, nullptr, 0);
+  CHECK(eventually([&] { return !aet_test::process_alive(server_pid); }, 5));
+  CHECK(eventually([&] { return !path_exists(dir.file("s.sock")); }, 5));
+}
+
+// ---- protocol errors ----
+
+TEST_CASE("a protocol error closes the connection; the server keeps accepting") {
+  TempDir dir;
+  aet::ServerOptions options = options_for(dir.unix_address());
+  options.max_frame = 1024;
+  StderrCapture stderr_capture;
+  auto server = stderr_capture.redirect([&] { return aet::fork_task_server(options); });
+
+  auto frame_of = [](const std::string& body) {
+    std::string out(4, '\0');
+    auto size = static_cast<std::uint32_t>(body.size());
+    out[0] = static_cast<char>(size >> 24);
+    out[1] = static_cast<char>(size >> 16);
+    out[2] = static_cast<char>(size >> 8);
+    out[3] = static_cast<char>(size);
+    return out + body;
+  };
+  std::string bad;
+  SECTION("an oversize frame") { bad = std::string("\x00\x10\x00\x00", 4); }
+  SECTION("bad JSON") { bad = frame_of("[\"do\", {}, "); }
+  SECTION("JSON that is not an array") { bad = frame_of("{\"do\": 1}"); }
+  SECTION("a do without meta") { bad = frame_of("[\"do\"]"); }
+  SECTION("an unknown command") { bad = frame_of("[\"xx\", {}]"); }
+  SECTION("an ok sent to a worker") { bad = frame_of("[\"ok\", {}, 1]"); }
+  SECTION("an er sent to a worker") { bad = frame_of("[\"er\", {}, \"no\"]"); }
+
+  Wire wire(server.address());
+  CHECK(wire.result(args({"echo"})) == Json::array());
+  wire.send_bytes(bad);
+  CHECK(wire.closes_within(3));
+  CHECK(stderr_capture.wait_for("protocol error: "));
+  CHECK(stderr_capture.wait_for("aet-worker:test["));
+  Wire next(server.address());
+  CHECK(next.result(args({"echo", 2})) == Json::array({2}));
+}
+
+TEST_CASE("a client that disconnects ends its worker quietly") {
+  TempDir dir;
+  StderrCapture stderr_capture;
+  auto server = stderr_capture.redirect([&] { return aet::fork_task_server(options_for(dir.unix_address())); });
+  pid_t worker;
+  {
+    Wire wire(server.address());
+    worker = static_cast<pid_t>(wire.result(args({"pid"})).as_int());
+  }
+  CHECK(eventually([&] { return !aet_test::process_alive(worker); }, 5));
+  CHECK(eventually([&] { return !aet_test::process_zombie(worker); }, 5));
+  server.stop();
+  stderr_capture.wait_for("\n", 0.2);
+  CHECK(stderr_capture.text().find("worker") == std::string::npos);
+}
+
+TEST_CASE("frames split across many writes are reassembled") {
+  TempDir dir;
+  auto server = aet::fork_task_server(options_for(dir.unix_address()));
+  Wire wire(server.address());
+  std::string bytes = aet::encode_frame(Json::array({"do", Json::object(), "echo", "piecewise"}));
+  for (char c : bytes) {
+    wire.send_bytes(std::string(1, c));
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  auto reply = wire.receive();
+  REQUIRE(reply);
+  CHECK((*reply)[2] == Json::array({"piecewise"}));
+  // Two requests in one write get two replies in order.
+  wire.send_bytes(aet::encode_frame(Json::array({"do", Json::object(), "echo", 1})) +
+                  aet::encode_frame(Json::array({"do", Json::object(), "echo", 2})));
+  CHECK((*wire.receive())[2] == Json::array({1}));
+  CHECK((*wire.receive())[2] == Json::array({2}));
+}
+
+TEST_CASE("option mistakes are refused at construction") {
+  TempDir dir;
+  aet::ServerOptions options = options_for(dir.unix_address());
+  options.hung_worker_timeout = -1;
+  CHECK_THROWS_AS(aet::Server(options), aet::ServerError);
+  options.hung_worker_timeout = 1;
+  options.interface = aet::CatchAll();
+  CHECK_THROWS_WITH(aet::Server(options), Catch::Contains("catch-all"));
+}
