@@ -44,6 +44,7 @@
 #include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -69,10 +70,12 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <exception>
 #include <functional>
 #include <initializer_list>
 #include <limits>
+#include <list>
 #include <map>
 #include <memory>
 #include <optional>
@@ -849,18 +852,22 @@ class OverloadError : public Error {
   using Error::Error;
 };
 
-constexpr double forever = -1;  // a timeout that never expires
+constexpr double forever = -1;  // a timeout that never expires (any negative value)
 
 struct ClientOptions {
   std::string connect;                  // as ServerOptions::listen
   std::string name;                     // in frame names; empty: the connect string
-  unsigned min_workers = 2;             // capped at max_workers
-  unsigned max_workers = 20;
-  double timeout = 30;                  // seconds per call, or aet::forever
+  unsigned min_workers = 2;             // kept connected; capped at max_workers
+  unsigned max_workers = 20;            // connected or connecting, at most
+  // Seconds each call may take, counted from when it is queued (or, behind
+  // an earlier call of the same checkout, from that call's reply) until its
+  // reply; waiting for a worker counts. On expiry the worker is dropped and
+  // the checkout fails with TimeoutError. aet::forever: no limit.
+  double timeout = 30;
   unsigned max_checkouts = 0;           // checkouts a worker serves; 0: unlimited
-  bool dont_refork_after_error = false;
-  std::size_t max_frame = default_max_frame;
-  std::size_t max_pending_checkouts = 0;  // checkouts waiting for a worker; 0: unlimited
+  bool dont_refork_after_error = false;  // keep a worker whose checkout got an error reply
+  std::size_t max_frame = default_max_frame;  // largest reply accepted
+  std::size_t max_pending_checkouts = 0;  // checkouts not yet served; 0: unlimited
 };
 
 struct CheckoutOptions {
@@ -874,41 +881,69 @@ struct ClientState;
 }
 
 // A handle on one checkout; copies share it. The worker is held from when
-// the checkout is served until the last handle goes and nothing is pending.
+// the checkout is served until the last handle goes and nothing is pending
+// (queued calls keep the checkout alive, so client.checkout().call(...) on
+// a temporary works). Calls run in order, one at a time. Each callback is
+// wrapped in a frame named "CLIENT_NAME -> METHOD" ("-> ->()" for a plain
+// call) made inside the caller's frame, unless it is already framed; its
+// result comes through that frame, and so does its error, raised there:
+// RemoteError for the worker's error reply, CheckoutError (TimeoutError)
+// when the checkout failed for good. Callbacks run only from the loop,
+// never inside call(). After an error the other queued calls are dropped
+// without running. Once the Client is gone, calls throw aet::Error.
 class Checkout {
  public:
   using Callback = std::function<void(Checkout& checkout, Json result)>;
 
-  // Queues a method call; `args` is the array of arguments.
+  Checkout() = default;  // an empty handle; calls on it throw aet::Error
+
+  // Queues a method call: sends ["do", {}, method, args...]. `args` is the
+  // array of arguments (null: none; any other value: one argument).
   template <class F>
-  void call(std::string method, Json args, F callback);
-  // Queues a plain call: no method name is sent.
+  void call(std::string method, Json args, F callback, const char* file = __builtin_FILE(),
+            int line = __builtin_LINE());
+  // Queues a plain call: ["do", {}, args...], no method name.
   template <class F>
-  void operator()(Json args, F callback);
-  // Fails the call in flight and every later one with `message`.
+  void operator()(Json args, F callback, const char* file = __builtin_FILE(),
+                  int line = __builtin_LINE());
+  // Fails the call in flight (or the first queued one) with
+  // CheckoutError(message), from the loop; the worker is closed and every
+  // later call fails with the same message.
   void throw_fatal_error(const std::string& message);
+
+  explicit operator bool() const noexcept { return state_ != nullptr; }
 
  private:
   friend class Client;
   friend struct detail::ClientState;
   friend struct detail::CheckoutState;
   explicit Checkout(std::shared_ptr<detail::CheckoutState> state) : state_(std::move(state)) {}
+  std::string frame_name(const std::string* method) const;
   void enqueue(std::optional<std::string> method, Json args, Callback callback, FrameContext context);
   std::shared_ptr<detail::CheckoutState> state_;
 };
 
+// The pool of worker connections to one server, and its checkouts. It uses
+// the event loop only through EventHost, which must outlive it. Destroying
+// it closes every worker and discards pending checkouts and calls silently.
 class Client {
  public:
+  // Resolves the address (throws aet::Error for a bad one) and starts
+  // connecting min(min_workers, max_workers) workers.
   Client(EventHost& host, ClientOptions options);
-  ~Client();  // drops every worker; pending checkouts are discarded silently
+  ~Client();
   Client(const Client&) = delete;
   Client& operator=(const Client&) = delete;
 
+  // A new checkout, queued first come, first served; it gets a worker once
+  // it has a call. Throws OverloadError when max_pending_checkouts already
+  // wait.
   Checkout checkout(CheckoutOptions options = {});
 
+  const std::string& name() const;
   std::size_t worker_count() const;       // connected or connecting
   std::size_t idle_worker_count() const;
-  std::size_t pending_checkout_count() const;  // waiting for a worker
+  std::size_t pending_checkout_count() const;  // made, not yet served
 
  private:
   std::shared_ptr<detail::ClientState> state_;
@@ -3840,5 +3875,817 @@ inline TaskServer fork_task_server(ServerOptions options) {
 }  // namespace aet
 
 // ---- implementation: client ------------------------------------------------
+
+namespace aet {
+namespace detail {
+
+// Where a client connects, resolved once when the client is made.
+struct ClientAddress {
+  sockaddr_storage storage{};
+  socklen_t length = 0;
+  int family = AF_UNSPEC;
+};
+
+inline ClientAddress resolve_client_address(const std::string& connect) {
+  auto bad = [&](const std::string& why) {
+    return Error("aet::Client: bad connect address \"" + connect + "\": " + why);
+  };
+  ClientAddress address;
+  if (connect.compare(0, 5, "unix:") == 0) {
+    const std::string path = connect.substr(5);
+    sockaddr_un un{};
+    if (path.empty()) throw bad("empty path");
+    if (path.size() >= sizeof(un.sun_path)) throw bad("path too long");
+    un.sun_family = AF_UNIX;
+    std::memcpy(un.sun_path, path.data(), path.size());
+    std::memcpy(&address.storage, &un, sizeof(un));
+    address.length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
+    address.family = AF_UNIX;
+    return address;
+  }
+  if (connect.compare(0, 4, "tcp:") != 0) throw bad("expected unix:PATH, tcp:HOST:PORT or tcp:[V6]:PORT");
+  const std::string rest = connect.substr(4);
+  std::string host, port;
+  if (!rest.empty() && rest[0] == '[') {
+    const std::size_t close = rest.find(']');
+    if (close == std::string::npos || close + 1 >= rest.size() || rest[close + 1] != ':')
+      throw bad("expected tcp:[V6]:PORT");
+    host = rest.substr(1, close - 1);
+    port = rest.substr(close + 2);
+  } else {
+    const std::size_t colon = rest.rfind(':');
+    if (colon == std::string::npos) throw bad("expected tcp:HOST:PORT");
+    host = rest.substr(0, colon);
+    port = rest.substr(colon + 1);
+  }
+  if (host.empty() || port.empty()) throw bad("expected tcp:HOST:PORT");
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  addrinfo* found = nullptr;
+  const int rc = ::getaddrinfo(host.c_str(), port.c_str(), &hints, &found);
+  if (rc != 0 || !found) throw bad(::gai_strerror(rc));
+  std::memcpy(&address.storage, found->ai_addr, found->ai_addrlen);
+  address.length = static_cast<socklen_t>(found->ai_addrlen);
+  address.family = found->ai_family;
+  ::freeaddrinfo(found);
+  return address;
+}
+
+// One queued call: its frame is encoded when queued (a value JSON cannot
+// carry fails in call(), not later in the loop).
+struct ClientCall {
+  std::optional<std::string> method;  // nullopt: a plain call
+  std::string frame;
+  Checkout::Callback callback;
+  FrameContext context;
+};
+
+inline std::string encode_call(const std::optional<std::string>& method, Json args) {
+  Json::Array message;
+  message.reserve(3 + (args.is_array() ? args.size() : 1));
+  message.emplace_back("do");
+  message.emplace_back(Json::object());
+  if (method) message.emplace_back(*method);
+  if (args.is_array()) {
+    for (Json& arg : args.as_array()) message.push_back(std::move(arg));
+  } else if (!args.is_null()) {
+    message.push_back(std::move(args));
+  }
+  return encode_frame(Json(std::move(message)));
+}
+
+struct CheckoutCore;
+
+// One connection to the server, that is one worker process.
+struct ClientWorker {
+  explicit ClientWorker(std::size_t max_frame) : decoder(max_frame) {}
+  ~ClientWorker() { close_now(); }
+  ClientWorker(const ClientWorker&) = delete;
+  ClientWorker& operator=(const ClientWorker&) = delete;
+
+  void close_now() noexcept {
+    watcher.reset();
+    failure.reset();
+    if (fd >= 0) ::close(fd);
+    fd = -1;
+  }
+
+  int fd = -1;
+  bool connecting = true;
+  bool dropped = false;  // out of the pool: never used again
+  bool broken = false;   // a write failed; reported from the loop
+  IoWatcher watcher;
+  Timer failure;  // reports a failed write from the loop
+  std::string out;
+  std::size_t out_sent = 0;
+  FrameDecoder decoder;
+  CheckoutCore* checkout = nullptr;  // the checkout holding it, if any
+  unsigned served = 0;               // checkouts released cleanly
+  std::list<std::shared_ptr<ClientWorker>>::iterator position;  // in ClientState::workers
+};
+
+struct ClientState;
+
+// The state of one checkout, owned by its client (never by a timer, a
+// worker or a lambda), so that it goes as soon as the checkout is released
+// and takes its LogDefer with it.
+struct CheckoutCore {
+  ClientState* client = nullptr;  // null once released or the client is gone
+  std::list<std::shared_ptr<CheckoutCore>>::iterator position;  // in ClientState::checkouts
+  std::weak_ptr<CheckoutState> handle;  // the handles' shared state, while any lives
+  bool queued = false;                  // waiting for a worker
+  std::list<CheckoutCore*>::iterator queue_position;
+  ClientWorker* worker = nullptr;
+  std::deque<ClientCall> calls;  // the front one is on the wire when in_flight
+  bool in_flight = false;
+  double timeout = forever;
+  Timer timeout_timer;
+  std::optional<LogDefer> log_defer;
+  std::optional<LogDefer::Timer> call_timer;
+  bool had_error = false;  // an error reply: the worker is not reused
+  bool failed = false;     // for good: later calls get `fatal`
+  bool fatal_is_timeout = false;
+  std::string fatal;
+  std::deque<ClientCall> doomed;  // calls to fail with `fatal`, from the loop
+  Timer doomed_timer;
+
+  std::exception_ptr fatal_error() const {
+    if (fatal_is_timeout) return std::make_exception_ptr(TimeoutError(fatal));
+    return std::make_exception_ptr(CheckoutError(fatal));
+  }
+};
+
+// What Checkout handles share; when the last one goes, the checkout is
+// released unless calls are pending.
+struct CheckoutState {
+  std::weak_ptr<CheckoutCore> core;
+  CheckoutState() = default;
+  CheckoutState(const CheckoutState&) = delete;
+  CheckoutState& operator=(const CheckoutState&) = delete;
+  ~CheckoutState();
+};
+
+struct ClientState : std::enable_shared_from_this<ClientState> {
+  ClientState(EventHost& event_host, ClientOptions client_options)
+      : host(event_host),
+        options(std::move(client_options)),
+        name(options.name.empty() ? options.connect : options.name),
+        address(resolve_client_address(options.connect)),
+        done_frame(encode_frame(Json{"dn", Json::object()})),
+        read_buffer(64 * 1024) {}
+  ClientState(const ClientState&) = delete;
+  ClientState& operator=(const ClientState&) = delete;
+  ~ClientState() { shutdown(); }
+
+  EventHost& host;
+  ClientOptions options;
+  std::string name;
+  ClientAddress address;
+  std::string done_frame;
+  std::vector<char> read_buffer;  // shared by every worker: reads never overlap
+  bool closed = false;
+  std::list<std::shared_ptr<ClientWorker>> workers;  // connected or connecting
+  std::size_t connecting = 0;
+  std::vector<ClientWorker*> idle;                  // most recently used last
+  std::list<std::shared_ptr<CheckoutCore>> checkouts;  // every live checkout
+  std::list<CheckoutCore*> pending;                 // not yet served, in order
+  Timer retry;  // armed after a failed connect: no new attempt before it fires
+
+  // -- the pool --
+
+  // Serves waiting checkouts with idle workers, then connects workers for
+  // the demand left; repeats once if a connect succeeded at once.
+  void pump() {
+    if (closed) return;
+    dispatch();
+    if (open_workers()) dispatch();
+  }
+
+  // First come, first served; a checkout without a call does not block
+  // the ones behind it.
+  void dispatch() {
+    for (auto it = pending.begin(); it != pending.end() && !idle.empty();) {
+      CheckoutCore* core = *it;
+      if (core->calls.empty()) {
+        ++it;
+        continue;
+      }
+      ClientWorker* worker = idle.back();
+      idle.pop_back();
+      if (!still_open(*worker)) {
+        drop_worker(*worker);  // died before the loop noticed; open_workers() replaces it
+        continue;
+      }
+      it = pending.erase(it);
+      core->queued = false;
+      core->worker = worker;
+      worker->checkout = core;
+      send_next(*core);
+    }
+  }
+
+  // An idle worker may have died since the loop last looked (a server
+  // restart, say): one peek, so that the checkout goes to a live one.
+  static bool still_open(const ClientWorker& worker) {
+    char byte;
+    ssize_t n;
+    do {
+      n = ::recv(worker.fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);  // EOF, stray bytes or error: no
+  }
+
+  // Connects workers up to min_workers, and one per checkout with a call
+  // that no connecting worker will serve, within max_workers. True if one
+  // became idle at once.
+  bool open_workers() {
+    if (closed || retry) return false;
+    const std::size_t total = workers.size();
+    const std::size_t most = options.max_workers;
+    if (total >= most) return false;
+    const std::size_t room = most - total;
+    const std::size_t least = std::min(options.min_workers, options.max_workers);
+    std::size_t wanted = total < least ? least - total : 0;
+    std::size_t waiting = 0;
+    const std::size_t enough = connecting + room;
+    for (CheckoutCore* core : pending) {
+      if (!core->calls.empty() && ++waiting >= enough) break;
+    }
+    if (waiting > connecting) wanted = std::max(wanted, waiting - connecting);
+    wanted = std::min(wanted, room);
+    bool ready = false;
+    for (std::size_t i = 0; i < wanted; ++i) {
+      int outcome = connect_worker();
+      if (outcome < 0) {
+        arm_retry();
+        break;
+      }
+      if (outcome > 0) ready = true;
+    }
+    return ready;
+  }
+
+  void arm_retry() {
+    if (retry || closed) return;
+    std::weak_ptr<ClientState> weak = weak_from_this();
+    retry = Timer(host, 0.2, 0, [weak] {
+      auto self = weak.lock();
+      if (!self || self->closed) return;
+      self->retry.reset();
+      self->pump();
+    });
+  }
+
+  // -1: failed at once; 0: connecting; 1: connected and idle.
+  int connect_worker() {
+    auto worker = std::make_shared<ClientWorker>(options.max_frame);
+    const int fd = ::socket(address.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    worker->fd = fd;
+    if (address.family != AF_UNIX) {
+      const int one = 1;
+      ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));  // best effort
+    }
+    int rc = ::connect(fd, reinterpret_cast<const sockaddr*>(&address.storage), address.length);
+    // EINTR: the connection goes on asynchronously, as with EINPROGRESS.
+    if (rc < 0 && errno != EINPROGRESS && errno != EINTR) return -1;
+    workers.push_back(worker);
+    worker->position = std::prev(workers.end());
+    if (rc == 0) {
+      worker->connecting = false;
+      watch(worker, io_read);
+      idle.push_back(worker.get());
+      return 1;
+    }
+    ++connecting;
+    watch(worker, io_write);
+    return 0;
+  }
+
+  void watch(const std::shared_ptr<ClientWorker>& worker, unsigned events) {
+    std::weak_ptr<ClientState> weak_self = weak_from_this();
+    std::weak_ptr<ClientWorker> weak_worker = worker;
+    worker->watcher = IoWatcher(host, worker->fd, events, [weak_self, weak_worker](unsigned ready) {
+      auto self = weak_self.lock();
+      auto worker = weak_worker.lock();
+      if (!self || !worker || self->closed || worker->dropped) return;
+      self->on_io(worker, ready);
+    });
+  }
+
+  // Out of the pool for good; the descriptor is closed now.
+  void drop_worker(ClientWorker& worker) {
+    if (worker.dropped) return;
+    worker.dropped = true;
+    if (worker.connecting) --connecting;
+    auto it = std::find(idle.begin(), idle.end(), &worker);
+    if (it != idle.end()) idle.erase(it);
+    if (worker.checkout) worker.checkout->worker = nullptr;
+    worker.checkout = nullptr;
+    std::shared_ptr<ClientWorker> keep = std::move(*worker.position);
+    workers.erase(worker.position);
+    worker.close_now();
+  }
+
+  // -- worker i/o --
+
+  void on_io(const std::shared_ptr<ClientWorker>& worker, unsigned ready) {
+    if (worker->connecting) {
+      finish_connect(worker);
+      return;
+    }
+    if ((ready & io_write) && !flush(*worker)) {
+      worker_failed(worker, "worker connection suddenly died");
+      return;
+    }
+    if (ready & io_read) read_replies(worker);
+  }
+
+  void finish_connect(const std::shared_ptr<ClientWorker>& worker) {
+    int error = 0;
+    socklen_t length = sizeof(error);
+    if (::getsockopt(worker->fd, SOL_SOCKET, SO_ERROR, &error, &length) < 0) error = errno;
+    if (error == EINPROGRESS || error == EALREADY) return;
+    --connecting;
+    worker->connecting = false;
+    if (error != 0) {
+      drop_worker(*worker);
+      arm_retry();
+      return;
+    }
+    worker->watcher.set_events(io_read);
+    idle.push_back(worker.get());
+    pump();
+  }
+
+  // Sends what is buffered; false when the connection is broken.
+  bool flush(ClientWorker& worker) {
+    if (worker.broken) return false;
+    while (worker.out_sent < worker.out.size()) {
+      const ssize_t n = ::send(worker.fd, worker.out.data() + worker.out_sent,
+                               worker.out.size() - worker.out_sent, MSG_NOSIGNAL);
+      if (n > 0) {
+        worker.out_sent += static_cast<std::size_t>(n);
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        if (!(worker.watcher.events() & io_write)) worker.watcher.set_events(io_read | io_write);
+        return true;
+      }
+      worker.broken = true;
+      return false;
+    }
+    worker.out.clear();  // keeps its capacity for the next call
+    worker.out_sent = 0;
+    if (worker.watcher.events() & io_write) worker.watcher.set_events(io_read);
+    return true;
+  }
+
+  // Queues `frame` on the worker. A failed write is reported from the loop
+  // (this runs inside call() and release too).
+  void send(ClientWorker& worker, std::string& frame) {
+    if (worker.out.empty()) {
+      worker.out.swap(frame);
+    } else {
+      worker.out += frame;
+    }
+    if (flush(worker) || worker.failure) return;
+    std::weak_ptr<ClientState> weak_self = weak_from_this();
+    std::weak_ptr<ClientWorker> weak_worker = *worker.position;
+    worker.failure = Timer(host, 0, 0, [weak_self, weak_worker] {
+      auto self = weak_self.lock();
+      auto worker = weak_worker.lock();
+      if (!self || !worker || self->closed || worker->dropped) return;
+      self->worker_failed(worker, "worker connection suddenly died");
+    });
+  }
+
+  void read_replies(const std::shared_ptr<ClientWorker>& worker) {
+    bool eof = false;
+    for (;;) {
+      const ssize_t n = ::recv(worker->fd, read_buffer.data(), read_buffer.size(), 0);
+      if (n > 0) {
+        try {
+          worker->decoder.feed(read_buffer.data(), static_cast<std::size_t>(n));
+        } catch (const std::exception& e) {
+          worker_failed(worker, std::string("protocol error: ") + e.what());
+          return;
+        }
+        if (static_cast<std::size_t>(n) < read_buffer.size()) break;  // drained, most likely
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+      eof = true;  // end of file, ECONNRESET or another error
+      break;
+    }
+    // Replies first: a worker may answer and exit at once.
+    while (!worker->dropped && !closed) {
+      std::optional<Json> message;
+      try {
+        message = worker->decoder.next();
+      } catch (const std::exception& e) {
+        worker_failed(worker, std::string("protocol error: ") + e.what());
+        return;
+      }
+      if (!message) break;
+      on_reply(worker, std::move(*message));
+    }
+    if (eof && !worker->dropped && !closed) worker_failed(worker, "worker connection suddenly died");
+  }
+
+  // The worker is unusable: an idle one is replaced as needed, a checkout
+  // holding it fails for good.
+  void worker_failed(const std::shared_ptr<ClientWorker>& worker, const std::string& message) {
+    CheckoutCore* holder = worker->checkout;
+    drop_worker(*worker);
+    if (holder) {
+      std::shared_ptr<CheckoutCore> core = *holder->position;  // a copy: fail() may erase it
+      fail(core, false, message);
+    } else {
+      pump();
+    }
+  }
+
+  void on_reply(const std::shared_ptr<ClientWorker>& worker, Json message) {
+    CheckoutCore* holder = worker->checkout;
+    if (!holder || !holder->in_flight) {
+      worker_failed(worker, "protocol error: unexpected reply from an idle worker");
+      return;
+    }
+    if (!message.is_array() || message.size() < 3 || !message[0].is_string() ||
+        !message[1].is_object()) {
+      worker_failed(worker, "protocol error: malformed reply from the worker");
+      return;
+    }
+    const std::string kind = message[0].as_string();
+    if (kind != "ok" && kind != "er") {
+      worker_failed(worker, "protocol error: unexpected \"" + kind + "\" message from the worker");
+      return;
+    }
+    std::shared_ptr<CheckoutCore> core = *holder->position;
+    ClientCall call = std::move(core->calls.front());
+    core->calls.pop_front();
+    core->in_flight = false;
+    core->call_timer.reset();
+    core->timeout_timer.reset();
+    if (core->log_defer) {
+      if (const Json* log = message[1].find("ld"); log && log->is_object()) {
+        try {
+          core->log_defer->merge(*log);
+        } catch (const std::exception& e) {
+          core->log_defer->warn(std::string("unreadable worker log: ") + e.what());
+        }
+      }
+    }
+    Json& payload = message.as_array()[2];
+    if (kind == "ok") {
+      if (!core->calls.empty()) {
+        arm_timeout(core);
+        send_next(*core);
+      }
+      deliver_result(core, std::move(call), std::move(payload));
+      return;
+    }
+    core->had_error = true;
+    std::deque<ClientCall> discarded = std::move(core->calls);
+    core->calls.clear();
+    const std::string text = payload.is_string() ? payload.as_string() : payload.dump();
+    deliver_error(core, std::move(call), std::make_exception_ptr(RemoteError(text)),
+                  std::move(discarded));
+  }
+
+  // -- checkouts --
+
+  void send_next(CheckoutCore& core) {
+    ClientCall& call = core.calls.front();
+    core.in_flight = true;
+    if (core.log_defer) core.call_timer.emplace(core.log_defer->timer(call.method ? *call.method : "->()"));
+    send(*core.worker, call.frame);
+  }
+
+  void arm_timeout(const std::shared_ptr<CheckoutCore>& core) {
+    if (core->timeout < 0) return;  // aet::forever
+    std::weak_ptr<CheckoutCore> weak = core;
+    core->timeout_timer = Timer(host, core->timeout, 0, [weak] {
+      auto core = weak.lock();
+      if (!core || !core->client || core->client->closed) return;
+      std::shared_ptr<ClientState> self = core->client->shared_from_this();
+      char text[64];
+      std::snprintf(text, sizeof(text), "timed out after %g seconds", core->timeout);
+      self->fail(core, true, text);
+    });
+  }
+
+  void queue_call(const std::shared_ptr<CheckoutCore>& core, ClientCall call) {
+    if (core->failed) {
+      doom_later(core, std::move(call));
+      return;
+    }
+    core->calls.push_back(std::move(call));
+    if (!core->timeout_timer) arm_timeout(core);
+    if (core->worker) {
+      if (!core->in_flight) send_next(*core);
+    } else {
+      pump();
+    }
+  }
+
+  void unqueue(CheckoutCore& core) {
+    if (!core.queued) return;
+    pending.erase(core.queue_position);
+    core.queued = false;
+  }
+
+  // Makes `core` fail for good: no worker, no timer, no queue. Returns the
+  // call that gets the error (the one in flight, else the first queued);
+  // the others go to `discarded`.
+  std::optional<ClientCall> doom(CheckoutCore& core, bool timeout, const std::string& message,
+                                 std::deque<ClientCall>& discarded) {
+    core.failed = true;
+    core.fatal_is_timeout = timeout;
+    core.fatal = message;
+    core.timeout_timer.reset();
+    core.call_timer.reset();
+    core.in_flight = false;
+    unqueue(core);
+    if (ClientWorker* worker = core.worker) drop_worker(*worker);
+    std::optional<ClientCall> target;
+    if (!core.calls.empty()) {
+      target = std::move(core.calls.front());
+      core.calls.pop_front();
+    }
+    discarded = std::move(core.calls);
+    core.calls.clear();
+    return target;
+  }
+
+  // A fatal error seen from the loop: delivered now.
+  void fail(const std::shared_ptr<CheckoutCore>& core, bool timeout, const std::string& message) {
+    std::deque<ClientCall> discarded;
+    std::optional<ClientCall> target = doom(*core, timeout, message, discarded);
+    pump();
+    if (target) {
+      deliver_error(core, std::move(*target), core->fatal_error(), std::move(discarded));
+    } else {
+      SettleGuard settle(core, std::move(discarded));
+    }
+  }
+
+  // Fails `call` with the checkout's error from the loop, never inside call().
+  void doom_later(const std::shared_ptr<CheckoutCore>& core, ClientCall call) {
+    core->doomed.push_back(std::move(call));
+    arm_doomed(core);
+  }
+
+  void arm_doomed(const std::shared_ptr<CheckoutCore>& core) {
+    if (core->doomed_timer) return;
+    std::weak_ptr<CheckoutCore> weak = core;
+    core->doomed_timer = Timer(host, 0, 0, [weak] {
+      auto core = weak.lock();
+      if (!core || !core->client || core->client->closed) return;
+      std::shared_ptr<ClientState> self = core->client->shared_from_this();
+      self->deliver_doomed(core);
+    });
+  }
+
+  // One per round, so each call gets its error even when one escapes.
+  void deliver_doomed(const std::shared_ptr<CheckoutCore>& core) {
+    core->doomed_timer.reset();
+    if (core->doomed.empty()) return;
+    ClientCall call = std::move(core->doomed.front());
+    core->doomed.pop_front();
+    if (!core->doomed.empty()) arm_doomed(core);
+    deliver_error(core, std::move(call), core->fatal_error(), {});
+  }
+
+  void throw_fatal_error(const std::shared_ptr<CheckoutCore>& core, const std::string& message) {
+    if (core->failed) return;  // the first error sticks
+    std::deque<ClientCall> discarded;
+    std::optional<ClientCall> target = doom(*core, false, message, discarded);
+    if (target) doom_later(core, std::move(*target));
+    pump();
+    if (!target) core->log_defer.reset();
+    // `discarded` goes last: its callbacks may hold the last handles.
+  }
+
+  // After a delivery, or while an exception from it unwinds: a failed
+  // checkout lets its LogDefer go; one with nothing left is released.
+  // Discarded calls are destroyed after the delivery, not before it.
+  struct SettleGuard {
+    SettleGuard(std::shared_ptr<CheckoutCore> settled, std::deque<ClientCall> dropped)
+        : core(std::move(settled)), discarded(std::move(dropped)) {}
+    std::shared_ptr<CheckoutCore> core;
+    std::deque<ClientCall> discarded;
+    SettleGuard(const SettleGuard&) = delete;
+    SettleGuard& operator=(const SettleGuard&) = delete;
+    ~SettleGuard() {
+      try {
+        discarded.clear();
+        ClientState* client = core->client;
+        if (!client || client->closed) return;
+        std::optional<LogDefer> finished;
+        if (core->failed && core->doomed.empty()) finished.swap(core->log_defer);
+        client->maybe_release(core);
+        // `finished`, then `core`, go here: a LogDefer may be delivered last.
+      } catch (...) {
+        // nothing may escape a guard; a throwing LogDefer callback is lost
+      }
+    }
+  };
+
+  void deliver_result(const std::shared_ptr<CheckoutCore>& core, ClientCall call, Json result) {
+    Checkout handle = handle_for(core);
+    // The framed callback routes a throw to its catchers, or rethrows it.
+    call.callback(handle, std::move(result));
+  }
+
+  void deliver_error(std::shared_ptr<CheckoutCore> core, ClientCall call, std::exception_ptr error,
+                     std::deque<ClientCall> discarded) {
+    SettleGuard settle(std::move(core), std::move(discarded));
+    ClientCall delivered = std::move(call);  // goes before the guard: it may hold the last handle
+    delivered.context.raise(std::move(error));
+  }
+
+  Checkout handle_for(const std::shared_ptr<CheckoutCore>& core) {
+    std::shared_ptr<CheckoutState> state = core->handle.lock();
+    if (!state) {
+      state = std::make_shared<CheckoutState>();
+      state->core = core;
+      core->handle = state;
+    }
+    return Checkout(std::move(state));
+  }
+
+  // Released once no handle is left and nothing is pending: a clean
+  // checkout gives its worker back ("dn"), a failed one has none.
+  void maybe_release(const std::shared_ptr<CheckoutCore>& core) {
+    if (closed || core->client != this) return;
+    if (!core->handle.expired() || !core->calls.empty() || !core->doomed.empty()) return;
+    core->client = nullptr;
+    unqueue(*core);
+    core->timeout_timer.reset();
+    core->doomed_timer.reset();
+    if (ClientWorker* worker = core->worker) {
+      core->worker = nullptr;
+      worker->checkout = nullptr;
+      bool reuse = !worker->broken && !(core->had_error && !options.dont_refork_after_error);
+      if (reuse) {
+        ++worker->served;
+        if (options.max_checkouts != 0 && worker->served >= options.max_checkouts) reuse = false;
+      }
+      if (reuse) {
+        std::string frame = done_frame;
+        send(*worker, frame);
+        reuse = !worker->broken;
+      }
+      if (reuse) {
+        idle.push_back(worker);
+      } else {
+        drop_worker(*worker);
+      }
+    }
+    std::shared_ptr<CheckoutCore> released = std::move(*core->position);
+    checkouts.erase(core->position);
+    pump();
+  }
+
+  std::shared_ptr<CheckoutCore> new_checkout(CheckoutOptions checkout_options) {
+    if (options.max_pending_checkouts != 0 && pending.size() >= options.max_pending_checkouts)
+      throw OverloadError("too many pending checkouts (" +
+                          std::to_string(options.max_pending_checkouts) + ")");
+    auto core = std::make_shared<CheckoutCore>();
+    core->client = this;
+    core->timeout = checkout_options.timeout.value_or(options.timeout);
+    core->log_defer = std::move(checkout_options.log_defer);
+    checkouts.push_back(core);
+    core->position = std::prev(checkouts.end());
+    pending.push_back(core.get());
+    core->queue_position = std::prev(pending.end());
+    core->queued = true;
+    return core;
+  }
+
+  // Everything goes now, silently; handles left become inert.
+  void shutdown() noexcept {
+    if (closed) return;
+    closed = true;
+    retry.reset();
+    std::list<std::shared_ptr<CheckoutCore>> gone_checkouts = std::move(checkouts);
+    std::list<std::shared_ptr<ClientWorker>> gone_workers = std::move(workers);
+    checkouts.clear();
+    workers.clear();
+    pending.clear();
+    idle.clear();
+    for (auto& core : gone_checkouts) {
+      core->client = nullptr;
+      core->worker = nullptr;
+      core->timeout_timer.reset();
+      core->doomed_timer.reset();
+    }
+    for (auto& worker : gone_workers) {
+      worker->dropped = true;
+      worker->checkout = nullptr;
+      worker->close_now();
+    }
+    gone_workers.clear();
+    gone_checkouts.clear();  // queued callbacks and LogDefers go last
+  }
+};
+
+inline CheckoutState::~CheckoutState() {
+  try {
+    std::shared_ptr<CheckoutCore> live = core.lock();
+    if (!live || !live->client || live->client->closed) return;
+    std::shared_ptr<ClientState> client = live->client->shared_from_this();
+    client->maybe_release(live);
+  } catch (...) {
+    // a destructor: a throwing LogDefer callback is lost
+  }
+}
+
+inline std::shared_ptr<CheckoutCore> live_core(const std::shared_ptr<CheckoutState>& state) {
+  if (!state) throw Error("aet::Checkout: empty checkout handle");
+  std::shared_ptr<CheckoutCore> core = state->core.lock();
+  if (!core || !core->client || core->client->closed) throw Error("client is gone");
+  return core;
+}
+
+}  // namespace detail
+
+// -- Checkout --
+
+template <class F>
+void Checkout::call(std::string method, Json args, F callback, const char* file, int line) {
+  if constexpr (is_framed<std::decay_t<F>>::value) {
+    FrameContext context = callback.context();
+    enqueue(std::optional<std::string>(std::move(method)), std::move(args), Callback(std::move(callback)),
+            std::move(context));
+  } else {
+    auto framed = frame(std::move(callback), Catcher{}, frame_name(&method), file, line);
+    FrameContext context = framed.context();
+    enqueue(std::optional<std::string>(std::move(method)), std::move(args), Callback(std::move(framed)),
+            std::move(context));
+  }
+}
+
+template <class F>
+void Checkout::operator()(Json args, F callback, const char* file, int line) {
+  if constexpr (is_framed<std::decay_t<F>>::value) {
+    FrameContext context = callback.context();
+    enqueue(std::nullopt, std::move(args), Callback(std::move(callback)), std::move(context));
+  } else {
+    auto framed = frame(std::move(callback), Catcher{}, frame_name(nullptr), file, line);
+    FrameContext context = framed.context();
+    enqueue(std::nullopt, std::move(args), Callback(std::move(framed)), std::move(context));
+  }
+}
+
+inline std::string Checkout::frame_name(const std::string* method) const {
+  std::shared_ptr<detail::CheckoutCore> core = detail::live_core(state_);
+  return core->client->name + " -> " + (method ? *method : std::string("->()"));
+}
+
+inline void Checkout::enqueue(std::optional<std::string> method, Json args, Callback callback,
+                              FrameContext context) {
+  std::shared_ptr<detail::CheckoutCore> core = detail::live_core(state_);
+  std::shared_ptr<detail::ClientState> client = core->client->shared_from_this();
+  std::string frame = detail::encode_call(method, std::move(args));
+  client->queue_call(core, detail::ClientCall{std::move(method), std::move(frame), std::move(callback),
+                                              std::move(context)});
+}
+
+inline void Checkout::throw_fatal_error(const std::string& message) {
+  std::shared_ptr<detail::CheckoutCore> core = detail::live_core(state_);
+  std::shared_ptr<detail::ClientState> client = core->client->shared_from_this();
+  client->throw_fatal_error(core, message);
+}
+
+// -- Client --
+
+inline Client::Client(EventHost& host, ClientOptions options)
+    : state_(std::make_shared<detail::ClientState>(host, std::move(options))) {
+  state_->pump();
+}
+
+inline Client::~Client() {
+  if (state_) state_->shutdown();
+}
+
+inline Checkout Client::checkout(CheckoutOptions options) {
+  if (state_->closed) throw Error("client is gone");
+  std::shared_ptr<detail::CheckoutCore> core = state_->new_checkout(std::move(options));
+  return state_->handle_for(core);
+}
+
+inline const std::string& Client::name() const { return state_->name; }
+inline std::size_t Client::worker_count() const { return state_->workers.size(); }
+inline std::size_t Client::idle_worker_count() const { return state_->idle.size(); }
+inline std::size_t Client::pending_checkout_count() const { return state_->pending.size(); }
+
+}  // namespace aet
 
 #endif  // ANYEVENT_TASK_HPP

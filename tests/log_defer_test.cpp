@@ -533,3 +533,180 @@ TEST_CASE("a worker's request message merges into the client's log with its pid"
   REQUIRE(logs[0].size() == 3);
   REQUIRE(logs[2].size() == 3);
 }
+
+// ---- LogDefer through a client and a worker ----
+
+namespace {
+
+// A server whose methods log into aet::logger(), and a client for it.
+struct LoggingRig {
+  aet_test::TempDir dir;
+  aet::TaskServer server = aet::fork_task_server(server_options(dir.unix_address()));
+  aet::Loop loop;
+  aet::Client client{loop, client_options(dir.unix_address())};
+
+  static aet::ServerOptions server_options(const std::string& address) {
+    aet::ServerOptions so;
+    so.listen = address;
+    so.hung_worker_timeout = 5;
+    so.interface = aet::Methods{
+        {"work",
+         [](const aet::Json&) -> aet::Json {
+           aet::logger().info("worker starts");
+           {
+             auto t = aet::logger().timer("worker step");
+             let_time_pass(0.002);
+           }
+           aet::logger().warn("worker ends");
+           return ::getpid();
+         }},
+        {"fail",
+         [](const aet::Json&) -> aet::Json {
+           aet::logger().error("about to fail");
+           throw std::runtime_error("failed on purpose");
+         }},
+        {"sleep",
+         [](const aet::Json& args) -> aet::Json {
+           let_time_pass(args[0].as_double());
+           return nullptr;
+         }},
+    };
+    return so;
+  }
+  static aet::ClientOptions client_options(const std::string& address) {
+    aet::ClientOptions co;
+    co.connect = address;
+    co.name = "logging";
+    co.timeout = 10;
+    return co;
+  }
+};
+
+std::vector<std::string> log_texts(const aet::Json& message) {
+  std::vector<std::string> texts;
+  for (const aet::Json& entry : message["logs"].as_array()) texts.push_back(entry[2].as_string());
+  return texts;
+}
+
+const aet::Json* timer_named(const aet::Json& message, const std::string& name) {
+  for (const aet::Json& t : message["timers"].as_array())
+    if (t[0] == aet::Json(name)) return &t;
+  return nullptr;
+}
+
+}  // namespace
+
+TEST_CASE("a checkout's LogDefer merges the worker's entries in time order, with the worker's pid") {
+  LoggingRig rig;
+  std::vector<aet::Json> delivered;
+  std::int64_t worker = 0;
+  {
+    aet::LogDefer log = collecting(delivered);
+    log.info("client before");
+    aet::CheckoutOptions options;
+    options.log_defer = log;
+    rig.client.checkout(options).call("work", {}, [&worker, log](aet::Checkout&, aet::Json pid) mutable {
+      worker = pid.as_int();
+      log.info("client after");
+    });
+  }
+  REQUIRE(delivered.empty());
+  REQUIRE(aet_test::run_until(rig.loop, [&] { return !delivered.empty(); }));
+  REQUIRE(delivered.size() == 1);
+  const aet::Json& m = delivered[0];
+  REQUIRE(log_texts(m) ==
+          std::vector<std::string>{"client before", "worker starts", "worker ends", "client after"});
+  const aet::Json::Array& logs = m["logs"].as_array();
+  for (std::size_t i = 1; i < logs.size(); ++i) REQUIRE(logs[i - 1][0].as_double() <= logs[i][0].as_double());
+  REQUIRE(worker != 0);
+  REQUIRE(worker != getpid());
+  const aet::Json worker_tag = aet::Json::object({{"pid", worker}});
+  REQUIRE(logs[0].size() == 3);
+  REQUIRE(logs[1].size() == 4);
+  REQUIRE(logs[1][3] == worker_tag);
+  REQUIRE(logs[2][3] == worker_tag);
+  REQUIRE(logs[3].size() == 3);
+  const aet::Json* call = timer_named(m, "work");
+  const aet::Json* step = timer_named(m, "worker step");
+  REQUIRE(call);
+  REQUIRE(step);
+  // The worker's step lies within the client's timing of the call.
+  REQUIRE((*call)[1].as_double() <= (*step)[1].as_double() + 1e-5);
+  REQUIRE((*step)[2].as_double() <= (*call)[2].as_double() + 1e-5);
+  REQUIRE((*step)[2].as_double() - (*step)[1].as_double() >= 0.0019);
+}
+
+TEST_CASE("the worker's entries arrive with error replies too") {
+  LoggingRig rig;
+  std::vector<aet::Json> delivered;
+  std::string error;
+  {
+    aet::CheckoutOptions options;
+    options.log_defer = collecting(delivered);
+    aet::frame_try([&] { rig.client.checkout(options).call("fail", {}, [](aet::Checkout&, aet::Json) {}); },
+                   [&](const std::exception& e, const std::string&) { error = e.what(); });
+  }
+  REQUIRE(aet_test::run_until(rig.loop, [&] { return !delivered.empty(); }));
+  REQUIRE(error == "failed on purpose");
+  const aet::Json& m = delivered[0];
+  REQUIRE(log_texts(m) == std::vector<std::string>{"about to fail"});
+  REQUIRE(m["logs"][0][1] == aet::Json(10));
+  REQUIRE(m["logs"][0][3].contains("pid"));
+  REQUIRE(timer_named(m, "fail"));
+}
+
+TEST_CASE("each call is timed once under its method name, a plain call as ->()") {
+  LoggingRig rig;
+  std::vector<aet::Json> delivered;
+  int done = 0;
+  {
+    aet::CheckoutOptions options;
+    options.log_defer = collecting(delivered);
+    aet::Checkout c = rig.client.checkout(options);
+    c.call("work", {}, [&](aet::Checkout&, aet::Json) { ++done; });
+    c({"work"}, [&](aet::Checkout&, aet::Json) { ++done; });  // the method table takes "work" as the name
+    c.call("sleep", {0.001}, [&](aet::Checkout&, aet::Json) { ++done; });
+  }
+  REQUIRE(aet_test::run_until(rig.loop, [&] { return !delivered.empty(); }));
+  REQUIRE(done == 3);
+  std::vector<std::string> names;
+  for (const aet::Json& t : delivered[0]["timers"].as_array()) names.push_back(t[0].as_string());
+  std::sort(names.begin(), names.end());
+  REQUIRE(names == std::vector<std::string>{"->()", "sleep", "work", "worker step", "worker step"});
+  // Calls run one after the other: their timers do not overlap.
+  const aet::Json* first = timer_named(delivered[0], "work");
+  const aet::Json* plain = timer_named(delivered[0], "->()");
+  REQUIRE((*first)[2].as_double() <= (*plain)[1].as_double());
+}
+
+TEST_CASE("after a timeout the LogDefer is delivered right after the catcher ran") {
+  LoggingRig rig;
+  std::vector<std::string> events;
+  aet::Json message;
+  bool hold = false;
+  aet::Checkout held;  // a failed checkout lets its LogDefer go even while held
+  SECTION("nobody holds the checkout") {}
+  SECTION("the checkout is still held") { hold = true; }
+  {
+    aet::LogDefer log([&](const aet::Json& m) {
+      events.push_back("log");
+      message = m;
+    });
+    aet::CheckoutOptions options;
+    options.timeout = 0.3;
+    options.log_defer = log;
+    aet::Checkout c = rig.client.checkout(options);
+    if (hold) held = c;
+    aet::frame_try([&] { c.call("sleep", {1}, [](aet::Checkout&, aet::Json) {}); },
+                   [&](const std::exception& e, const std::string&) {
+                     events.push_back(std::string("catcher: ") + e.what());
+                   });
+  }
+  REQUIRE(events.empty());
+  // Checked after every loop round: the log comes in the same round as the catcher.
+  REQUIRE(aet_test::run_until(rig.loop, [&] { return !events.empty(); }));
+  REQUIRE(events == std::vector<std::string>{"catcher: timed out after 0.3 seconds", "log"});
+  const aet::Json* call = timer_named(message, "sleep");
+  REQUIRE(call);
+  REQUIRE((*call)[2].as_double() - (*call)[1].as_double() >= 0.29);
+}

@@ -1,0 +1,898 @@
+// Client: the worker pool, checkouts, their queues, timeouts and errors,
+// each against a real forked server.
+#include <catch2/catch.hpp>
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "anyevent_task.hpp"
+#include "test_support.hpp"
+
+using aet::Json;
+using aet_test::run_until;
+
+namespace {
+
+std::int64_t pid_of(const Json& value) { return value.as_int(); }
+
+// The worker side of most tests.
+aet::Methods standard_methods() {
+  return aet::Methods{
+      {"pid", [](const Json&) -> Json { return ::getpid(); }},
+      {"echo", [](const Json& args) -> Json { return args; }},
+      {"fail", [](const Json& args) -> Json { throw std::runtime_error(args[0].as_string()); }},
+      {"sleep",
+       [](const Json& args) -> Json {
+         std::this_thread::sleep_for(std::chrono::duration<double>(args[0].as_double()));
+         return ::getpid();
+       }},
+      {"exit", [](const Json&) -> Json { ::_exit(3); }},
+  };
+}
+
+// A socket path of its own, a server on it and options for a client.
+struct Rig {
+  aet_test::TempDir dir;
+  std::string address = dir.unix_address();
+
+  aet::ServerOptions server_options(aet::Interface interface = standard_methods()) const {
+    aet::ServerOptions so;
+    so.listen = address;
+    so.name = "client-test";
+    so.hung_worker_timeout = 5;  // so that a worker left sleeping never holds up the end of a test
+    so.interface = std::move(interface);
+    return so;
+  }
+  aet::TaskServer start(aet::Interface interface = standard_methods()) const {
+    return aet::fork_task_server(server_options(std::move(interface)));
+  }
+  aet::ClientOptions client_options() const {
+    aet::ClientOptions co;
+    co.connect = address;
+    co.name = "tester";
+    co.timeout = 10;  // a broken build fails instead of hanging
+    return co;
+  }
+};
+
+// What a catcher saw.
+struct Caught {
+  int count = 0;
+  std::string what;
+  std::string trace;
+  std::string kind;  // remote, timeout, checkout, other
+};
+
+aet::Catcher catch_into(Caught& caught) {
+  return [&caught](const std::exception& e, const std::string& trace) {
+    ++caught.count;
+    caught.what = e.what();
+    caught.trace = trace;
+    if (dynamic_cast<const aet::RemoteError*>(&e)) {
+      caught.kind = "remote";
+    } else if (dynamic_cast<const aet::TimeoutError*>(&e)) {
+      caught.kind = "timeout";
+    } else if (dynamic_cast<const aet::CheckoutError*>(&e)) {
+      caught.kind = "checkout";
+    } else {
+      caught.kind = "other";
+    }
+  };
+}
+
+// Calls `method` on a fresh checkout and waits for the result; fails the
+// test on an error or when nothing comes within `limit` seconds.
+Json call_and_wait(aet::Loop& loop, aet::Client& client, const std::string& method, Json args = {},
+                   double limit = 10) {
+  std::optional<Json> result;
+  Caught caught;
+  aet::frame_try(
+      [&] { client.checkout().call(method, std::move(args), [&](aet::Checkout&, Json r) { result = r; }); },
+      catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return result.has_value() || caught.count > 0; }, limit));
+  INFO(caught.what);
+  REQUIRE(caught.count == 0);
+  return *result;
+}
+
+double now() { return aet_test::monotonic_now(); }
+
+}  // namespace
+
+TEST_CASE("arguments and results round trip, astral characters and nested values included") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::Client client(loop, rig.client_options());
+  const Json args{1, -7, 2.5, "two", "\xF0\x9F\x98\x80 astral \xE2\x82\xAC", nullptr, true,
+                  Json{Json{1, 2}, Json::object({{"k", Json{"v", 3}}})},
+                  Json::object({{"nested", Json::object({{"deep", Json::array()}})}})};
+  REQUIRE(call_and_wait(loop, client, "echo", args) == args);
+  REQUIRE(call_and_wait(loop, client, "echo") == Json::array());
+}
+
+TEST_CASE("a catch-all interface sees the method name first for a method call and not for a plain call") {
+  Rig rig;
+  aet::TaskServer server = rig.start(aet::CatchAll([](const Json& args) -> Json { return args; }));
+  aet::Loop loop;
+  aet::Client client(loop, rig.client_options());
+  std::optional<Json> method_result, plain_result;
+  Caught caught;
+  aet::frame_try(
+      [&] {
+        aet::Checkout co = client.checkout();
+        co.call("name", {"a", 1}, [&](aet::Checkout&, Json r) { method_result = r; });
+        co({"a", 1}, [&](aet::Checkout&, Json r) { plain_result = r; });
+      },
+      catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return plain_result.has_value() || caught.count > 0; }));
+  REQUIRE(caught.count == 0);
+  REQUIRE(*method_result == Json{"name", "a", 1});
+  REQUIRE(*plain_result == Json{"a", 1});
+}
+
+TEST_CASE("a worker error reaches the catcher with the worker's message and a trace naming the call") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::Client client(loop, rig.client_options());
+  Caught caught;
+  bool called = false;
+  aet::frame_try(
+      [&] {
+        client.checkout().call("fail", {"it broke \xF0\x9F\x92\xA5"},
+                               [&](aet::Checkout&, Json) { called = true; });
+      },
+      catch_into(caught), "outer frame");
+  REQUIRE(run_until(loop, [&] { return caught.count > 0; }));
+  REQUIRE(caught.count == 1);
+  REQUIRE_FALSE(called);
+  REQUIRE(caught.kind == "remote");
+  REQUIRE(caught.what == "it broke \xF0\x9F\x92\xA5");
+  INFO(caught.trace);
+  REQUIRE(caught.trace.find(" - tester -> fail\n") != std::string::npos);
+  REQUIRE(caught.trace.find(" - outer frame\n") > caught.trace.find(" - tester -> fail\n"));
+  REQUIRE(caught.trace.find("client_test.cpp:") != std::string::npos);
+}
+
+TEST_CASE("a plain call's frame is named CLIENT_NAME -> ->()") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  co.name = "";  // the connect string names the client
+  aet::Client client(loop, co);
+  REQUIRE(client.name() == rig.address);
+  Caught caught;
+  aet::frame_try([&] { client.checkout()({"no such method"}, [](aet::Checkout&, Json) {}); },
+                 catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return caught.count > 0; }));
+  REQUIRE(caught.what.find("no such method") != std::string::npos);
+  INFO(caught.trace);
+  REQUIRE(caught.trace.find(" - " + rig.address + " -> ->()\n") != std::string::npos);
+}
+
+TEST_CASE("an exception thrown by the user's callback goes to the same catcher") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::Client client(loop, rig.client_options());
+  Caught caught;
+  aet::frame_try(
+      [&] {
+        client.checkout().call("pid", {}, [](aet::Checkout&, Json) { throw std::runtime_error("mine"); });
+      },
+      catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return caught.count > 0; }));
+  REQUIRE(caught.count == 1);
+  REQUIRE(caught.what == "mine");
+  REQUIRE(caught.kind == "other");
+  REQUIRE(caught.trace.find(" - tester -> pid\n") != std::string::npos);
+}
+
+TEST_CASE("an error with no catcher propagates out of the loop") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::Client client(loop, rig.client_options());
+  client.checkout().call("fail", {"nobody catches this"}, [](aet::Checkout&, Json) {});
+  bool thrown = false;
+  try {
+    run_until(loop, [] { return false; }, 10);
+  } catch (const aet::RemoteError& e) {
+    thrown = std::string(e.what()) == "nobody catches this";
+  }
+  REQUIRE(thrown);
+  // The client is still usable.
+  REQUIRE(call_and_wait(loop, client, "echo", {5}) == Json{5});
+}
+
+TEST_CASE("a framed callback is used as it is, with its own frame") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::Client client(loop, rig.client_options());
+  Caught caught;
+  auto callback = aet::frame([](aet::Checkout&, Json) {}, catch_into(caught), "my own frame");
+  client.checkout().call("fail", {"framed"}, callback);
+  REQUIRE(run_until(loop, [&] { return caught.count > 0; }));
+  REQUIRE(caught.what == "framed");
+  INFO(caught.trace);
+  REQUIRE(caught.trace.find(" - my own frame\n") != std::string::npos);
+  REQUIRE(caught.trace.find("tester -> fail") == std::string::npos);
+}
+
+TEST_CASE("with dont_refork_after_error the worker is kept after errors") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  co.max_workers = 1;
+  co.dont_refork_after_error = true;
+  aet::Client client(loop, co);
+  std::vector<std::int64_t> pids;
+  Caught caught;
+  aet::Checkout c = client.checkout();
+  aet::frame_try(
+      [&] {
+        c.call("pid", {}, [&](aet::Checkout&, Json p) { pids.push_back(pid_of(p)); });
+        c.call("fail", {"first"}, [](aet::Checkout&, Json) {});
+      },
+      [&](const std::exception& e, const std::string& t) {
+        catch_into(caught)(e, t);
+        // After an error reply the checkout goes on, on the same worker.
+        c.call("pid", {}, [&](aet::Checkout&, Json p) {
+          pids.push_back(pid_of(p));
+          c = aet::Checkout();  // released when this callback returns
+        });
+      });
+  REQUIRE(run_until(loop, [&] { return pids.size() == 2; }));
+  REQUIRE(caught.what == "first");
+  pids.push_back(pid_of(call_and_wait(loop, client, "pid")));  // the next checkout
+  REQUIRE(pids[0] == pids[1]);
+  REQUIRE(pids[1] == pids[2]);
+}
+
+TEST_CASE("without dont_refork_after_error a worker that replied with an error is replaced") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  co.max_workers = 1;
+  aet::Client client(loop, co);
+  std::vector<std::int64_t> pids;
+  Caught caught;
+  aet::frame_try(
+      [&] {
+        aet::Checkout c = client.checkout();
+        c.call("pid", {}, [&](aet::Checkout& again, Json p) {
+          pids.push_back(pid_of(p));
+          again.call("fail", {"boom"}, [](aet::Checkout&, Json) {});
+        });
+      },
+      [&](const std::exception& e, const std::string& t) {
+        catch_into(caught)(e, t);
+        // Still the same checkout's frame: more calls go to the same worker.
+      });
+  REQUIRE(run_until(loop, [&] { return caught.count > 0; }));
+  pids.push_back(pid_of(call_and_wait(loop, client, "pid")));
+  REQUIRE(pids.size() == 2);
+  REQUIRE(pids[0] != pids[1]);
+}
+
+TEST_CASE("after an error the rest of that checkout's queue is discarded") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::Client client(loop, rig.client_options());
+  Caught caught;
+  int discarded_ran = 0, first_ran = 0;
+  aet::frame_try(
+      [&] {
+        aet::Checkout c = client.checkout();
+        c.call("echo", {1}, [&](aet::Checkout&, Json) { ++first_ran; });
+        c.call("fail", {"stop here"}, [&](aet::Checkout&, Json) { ++discarded_ran; });
+        c.call("echo", {2}, [&](aet::Checkout&, Json) { ++discarded_ran; });
+        c({"echo", 3}, [&](aet::Checkout&, Json) { ++discarded_ran; });
+      },
+      catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return caught.count > 0; }));
+  // Let anything that would still come arrive: another call round trips.
+  call_and_wait(loop, client, "echo", {4});
+  call_and_wait(loop, client, "echo", {5});
+  REQUIRE(first_ran == 1);
+  REQUIRE(caught.count == 1);
+  REQUIRE(caught.what == "stop here");
+  REQUIRE(discarded_ran == 0);
+}
+
+TEST_CASE("throw_fatal_error aborts the call in flight and every later call fails the same way") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::Client client(loop, rig.client_options());
+  Caught caught;
+  bool called = false;
+  aet::Checkout c = client.checkout();
+  const double start = now();
+  aet::frame_try(
+      [&] {
+        c.call("sleep", {1}, [&](aet::Checkout&, Json) { called = true; });
+        c.throw_fatal_error("manual request abort");
+      },
+      catch_into(caught));
+  REQUIRE(caught.count == 0);  // delivered from the loop, not inside throw_fatal_error()
+  REQUIRE(run_until(loop, [&] { return caught.count > 0; }));
+  REQUIRE(now() - start < 0.8);
+  REQUIRE(caught.what == "manual request abort");
+  REQUIRE(caught.kind == "checkout");
+  REQUIRE_FALSE(called);
+
+  Caught later;
+  aet::frame_try([&] { c.call("pid", {}, [&](aet::Checkout&, Json) { called = true; }); }, catch_into(later));
+  REQUIRE(later.count == 0);  // never inside call()
+  REQUIRE(run_until(loop, [&] { return later.count > 0; }));
+  REQUIRE(later.what == "manual request abort");
+  REQUIRE(later.kind == "checkout");
+  REQUIRE_FALSE(called);
+  REQUIRE(caught.count == 1);
+}
+
+TEST_CASE("a worker serves at most max_checkouts checkouts, then a new one takes over") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  co.max_workers = 1;
+  co.max_checkouts = 2;
+  aet::Client client(loop, co);
+  std::vector<std::int64_t> pids;
+  Caught caught;
+  aet::frame_try(
+      [&] {
+        for (int i = 0; i < 5; ++i)
+          client.checkout().call("pid", {}, [&](aet::Checkout&, Json p) { pids.push_back(pid_of(p)); });
+      },
+      catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return pids.size() == 5 || caught.count > 0; }));
+  REQUIRE(caught.count == 0);
+  REQUIRE(pids[0] == pids[1]);
+  REQUIRE(pids[2] != pids[1]);
+  REQUIRE(pids[2] == pids[3]);
+  REQUIRE(pids[4] != pids[3]);
+  REQUIRE(pids[4] != pids[1]);
+}
+
+TEST_CASE("with one worker, nested calls and new checkouts are served in exactly FIFO order") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  co.min_workers = 1;
+  co.max_workers = 1;
+  aet::Client client(loop, co);
+  std::vector<std::string> events;
+  Caught caught;
+  auto echo = [&](aet::Checkout& c, const std::string& tag, std::function<void(aet::Checkout&)> then) {
+    c.call("echo", {tag}, [&events, tag, then](aet::Checkout& again, Json r) {
+      events.push_back(r[0].as_string());
+      if (then) then(again);
+    });
+  };
+  aet::frame_try(
+      [&] {
+        aet::Checkout a = client.checkout();
+        aet::Checkout b = client.checkout();
+        aet::Checkout idle = client.checkout();  // never calls: blocks nobody
+        echo(a, "a1", [&](aet::Checkout& again) {
+          aet::Checkout d = client.checkout();  // queued behind b and c
+          echo(d, "d1", nullptr);
+          echo(again, "a2", [&](aet::Checkout& third) { echo(third, "a3", nullptr); });
+        });
+        echo(b, "b1", [&](aet::Checkout& again) { echo(again, "b2", nullptr); });
+        aet::Checkout c = client.checkout();
+        echo(c, "c1", nullptr);
+        echo(a, "a1b", nullptr);  // queued on a behind a1
+      },
+      catch_into(caught));
+  REQUIRE(client.pending_checkout_count() == 2);  // b and c; the one without a call is gone
+  REQUIRE(events.empty());
+  REQUIRE(run_until(loop, [&] { return events.size() == 8 || caught.count > 0; }));
+  INFO(caught.what);
+  REQUIRE(caught.count == 0);
+  REQUIRE(events == std::vector<std::string>{"a1", "a1b", "a2", "a3", "b1", "b2", "c1", "d1"});
+}
+
+namespace {
+
+// A server whose setup fails while the file `flag` exists (the message
+// names the worker), and whose "info" is [pid, successful setups].
+aet::ServerOptions flaky_setup_server(const Rig& rig, const std::string& flag) {
+  aet::ServerOptions so = rig.server_options();
+  static int setups;  // per worker process
+  so.setup = [flag] {
+    if (::access(flag.c_str(), F_OK) == 0)
+      throw std::runtime_error("no database in " + std::to_string(::getpid()));
+    ++setups;
+  };
+  std::get<aet::Methods>(so.interface)["info"] = [](const Json&) -> Json { return Json{::getpid(), setups}; };
+  return so;
+}
+
+std::int64_t pid_in(const std::string& message) {
+  return std::stoll(message.substr(message.rfind(' ') + 1));
+}
+
+}  // namespace
+
+TEST_CASE("a setup error arrives as `setup exception: ...` and the next checkout gets a fresh worker") {
+  Rig rig;
+  const std::string flag = rig.dir.file("fail-setup");
+  std::ofstream(flag) << "x";
+  aet::TaskServer server = aet::fork_task_server(flaky_setup_server(rig, flag));
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  co.max_workers = 1;
+  aet::Client client(loop, co);
+  Caught caught;
+  aet::frame_try([&] { client.checkout().call("info", {}, [](aet::Checkout&, Json) {}); }, catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return caught.count > 0; }));
+  REQUIRE(caught.what.rfind("setup exception: no database in ", 0) == 0);
+  const std::int64_t failed_worker = pid_in(caught.what);
+  std::remove(flag.c_str());
+  std::vector<Json> infos;
+  aet::frame_try(
+      [&] {
+        aet::Checkout c = client.checkout();
+        for (int i = 0; i < 3; ++i) c.call("info", {}, [&](aet::Checkout&, Json info) { infos.push_back(info); });
+      },
+      catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return infos.size() == 3 || caught.count > 1; }));
+  REQUIRE(caught.count == 1);
+  infos.push_back(call_and_wait(loop, client, "info"));
+  for (const Json& info : infos) {
+    REQUIRE(info[0].as_int() != failed_worker);
+    REQUIRE(info[0] == infos[0][0]);
+    REQUIRE(info[1] == Json(1));  // setup ran once in this worker
+  }
+}
+
+TEST_CASE("with dont_refork_after_error the same worker retries its setup") {
+  Rig rig;
+  const std::string flag = rig.dir.file("fail-setup");
+  std::ofstream(flag) << "x";
+  aet::TaskServer server = aet::fork_task_server(flaky_setup_server(rig, flag));
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  co.max_workers = 1;
+  co.dont_refork_after_error = true;
+  aet::Client client(loop, co);
+  Caught caught;
+  aet::frame_try([&] { client.checkout().call("info", {}, [](aet::Checkout&, Json) {}); }, catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return caught.count > 0; }));
+  std::remove(flag.c_str());
+  const Json info = call_and_wait(loop, client, "info");
+  REQUIRE(info[0].as_int() == pid_in(caught.what));
+  REQUIRE(info[1] == Json(1));
+}
+
+TEST_CASE("a surge of 1000 checkouts over 5 workers is all served, none before the loop runs") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  co.max_workers = 5;
+  aet::Client client(loop, co);
+  int served = 0;
+  std::set<std::int64_t> pids;
+  Caught caught;
+  aet::frame_try(
+      [&] {
+        for (int i = 0; i < 1000; ++i) {
+          client.checkout().call("echo", {i}, [&, i](aet::Checkout&, Json r) {
+            if (r == Json{i}) ++served;
+          });
+        }
+        client.checkout().call("pid", {}, [&](aet::Checkout&, Json) { ++served; });
+      },
+      catch_into(caught));
+  REQUIRE(served == 0);
+  REQUIRE(client.worker_count() <= 5);
+  REQUIRE(run_until(loop, [&] { return served == 1001 || caught.count > 0; }, 30));
+  REQUIRE(caught.count == 0);
+  REQUIRE(client.worker_count() == 5);
+  REQUIRE(client.pending_checkout_count() == 0);
+  REQUIRE(run_until(loop, [&] { return client.idle_worker_count() == 5; }));
+}
+
+TEST_CASE("with no server the checkout fails with `timed out after`") {
+  Rig rig;
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  co.timeout = 0.3;
+  aet::Client client(loop, co);
+  Caught caught;
+  const double start = now();
+  aet::frame_try([&] { client.checkout().call("pid", {}, [](aet::Checkout&, Json) {}); }, catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return caught.count > 0; }));
+  REQUIRE(now() - start >= 0.29);
+  REQUIRE(caught.what == "timed out after 0.3 seconds");
+  REQUIRE(caught.kind == "timeout");
+  REQUIRE(client.pending_checkout_count() == 0);
+}
+
+TEST_CASE("a call that outlives the checkout's timeout fails with `timed out after`") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::Client client(loop, rig.client_options());
+  call_and_wait(loop, client, "pid");  // the workers are up
+  Caught caught;
+  bool called = false;
+  aet::CheckoutOptions options;
+  options.timeout = 0.3;
+  const double start = now();
+  aet::Checkout c = client.checkout(options);
+  aet::frame_try([&] { c.call("sleep", {1.5}, [&](aet::Checkout&, Json) { called = true; }); }, catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return caught.count > 0; }));
+  const double took = now() - start;
+  REQUIRE(took >= 0.29);
+  REQUIRE(took < 1.2);
+  REQUIRE(caught.what == "timed out after 0.3 seconds");
+  REQUIRE(caught.kind == "timeout");
+  // Sticky, with the same type.
+  Caught later;
+  aet::frame_try([&] { c.call("pid", {}, [&](aet::Checkout&, Json) { called = true; }); }, catch_into(later));
+  REQUIRE(run_until(loop, [&] { return later.count > 0; }));
+  REQUIRE(later.what == "timed out after 0.3 seconds");
+  REQUIRE(later.kind == "timeout");
+  REQUIRE_FALSE(called);
+  // The timed-out worker is dropped; the client still serves.
+  REQUIRE(call_and_wait(loop, client, "echo", {1}) == Json{1});
+}
+
+TEST_CASE("each call gets its own timeout") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::Client client(loop, rig.client_options());
+  aet::CheckoutOptions options;
+  options.timeout = 0.6;
+  int done = 0;
+  Caught caught;
+  aet::frame_try(
+      [&] {
+        aet::Checkout c = client.checkout(options);
+        // Three calls of 0.3 s each: 0.9 s in all, each well within 0.6 s.
+        for (int i = 0; i < 3; ++i) c.call("sleep", {0.3}, [&](aet::Checkout&, Json) { ++done; });
+      },
+      catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return done == 3 || caught.count > 0; }));
+  INFO(caught.what);
+  REQUIRE(caught.count == 0);
+}
+
+TEST_CASE("a call that outlives hung_worker_timeout fails with `worker connection suddenly died`") {
+  Rig rig;
+  aet::ServerOptions so = rig.server_options();
+  so.hung_worker_timeout = 0.3;
+  aet::TaskServer server = aet::fork_task_server(so);
+  aet::Loop loop;
+  aet::Client client(loop, rig.client_options());
+  Caught caught;
+  aet::frame_try([&] { client.checkout().call("sleep", {5}, [](aet::Checkout&, Json) {}); }, catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return caught.count > 0; }));
+  REQUIRE(caught.what == "worker connection suddenly died");
+  REQUIRE(caught.kind == "checkout");
+}
+
+TEST_CASE("a worker that exits mid-call gives `worker connection suddenly died`, then and later") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::Client client(loop, rig.client_options());
+  aet::Checkout c = client.checkout();
+  Caught caught, later;
+  aet::frame_try([&] { c.call("exit", {}, [](aet::Checkout&, Json) {}); }, catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return caught.count > 0; }));
+  REQUIRE(caught.what == "worker connection suddenly died");
+  REQUIRE(caught.kind == "checkout");
+  aet::frame_try([&] { c.call("pid", {}, [](aet::Checkout&, Json) {}); }, catch_into(later));
+  aet::frame_try([&] { c({"pid"}, [](aet::Checkout&, Json) {}); }, catch_into(later));
+  REQUIRE(later.count == 0);
+  REQUIRE(run_until(loop, [&] { return later.count == 2; }));
+  REQUIRE(later.what == "worker connection suddenly died");
+  REQUIRE(call_and_wait(loop, client, "echo", {2}) == Json{2});
+}
+
+TEST_CASE("checkouts made before the server starts are served once it is up") {
+  Rig rig;
+  aet::Loop loop;
+  aet::Client client(loop, rig.client_options());
+  std::vector<std::int64_t> pids;
+  Caught caught;
+  aet::frame_try(
+      [&] {
+        for (int i = 0; i < 3; ++i)
+          client.checkout().call("pid", {}, [&](aet::Checkout&, Json p) { pids.push_back(pid_of(p)); });
+      },
+      catch_into(caught));
+  REQUIRE_FALSE(run_until(loop, [&] { return !pids.empty() || caught.count > 0; }, 0.5));
+  REQUIRE(client.pending_checkout_count() == 3);
+  aet::TaskServer server = rig.start();
+  const double up = now();
+  REQUIRE(run_until(loop, [&] { return pids.size() == 3 || caught.count > 0; }));
+  REQUIRE(caught.count == 0);
+  REQUIRE(now() - up < 2);
+}
+
+TEST_CASE("after a server restart new checkouts succeed") {
+  Rig rig;
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  aet::Client client(loop, co);
+  std::int64_t first = 0;
+  {
+    aet::TaskServer server = rig.start();
+    first = pid_of(call_and_wait(loop, client, "pid"));
+    server.stop();
+  }
+  aet::TaskServer again = rig.start();
+  // At once, before the loop has seen the old workers go.
+  std::int64_t second = pid_of(call_and_wait(loop, client, "pid"));
+  REQUIRE(second != first);
+  // And once the loop has run for a while.
+  REQUIRE_FALSE(run_until(loop, [] { return false; }, 0.3));
+  REQUIRE(call_and_wait(loop, client, "echo", {3}) == Json{3});
+}
+
+TEST_CASE("an idle worker killed with SIGKILL is replaced without any checkout failing") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  co.min_workers = 1;
+  co.max_workers = 1;
+  aet::Client client(loop, co);
+  const pid_t victim = static_cast<pid_t>(pid_of(call_and_wait(loop, client, "pid")));
+  REQUIRE(run_until(loop, [&] { return client.idle_worker_count() == 1; }));
+  REQUIRE(::kill(victim, SIGKILL) == 0);
+  // The client notices while the worker is idle and connects a new one.
+  REQUIRE(run_until(loop, [&] {
+    std::set<pid_t> kids = aet_test::children_of(server.pid());
+    kids.erase(victim);
+    return !kids.empty() && client.idle_worker_count() == 1;
+  }));
+  REQUIRE(pid_of(call_and_wait(loop, client, "pid")) != victim);
+
+  // And a kill the loop has not seen yet does not fail a checkout either.
+  const pid_t second = static_cast<pid_t>(pid_of(call_and_wait(loop, client, "pid")));
+  REQUIRE(::kill(second, SIGKILL) == 0);
+  REQUIRE(aet_test::eventually([&] { return !aet_test::process_alive(second); }));
+  REQUIRE(pid_of(call_and_wait(loop, client, "pid")) != second);
+}
+
+TEST_CASE("destroying the client with queued checkouts neither crashes nor leaks") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  const std::set<int> fds_before = aet_test::open_fds();
+  int called = 0;
+  std::vector<aet::Checkout> kept;
+  {
+    aet::ClientOptions co = rig.client_options();
+    co.max_workers = 2;
+    auto client = std::make_unique<aet::Client>(loop, co);
+    for (int i = 0; i < 6; ++i) {
+      aet::Checkout c = client->checkout();
+      c.call("sleep", {0.2}, [&](aet::Checkout&, Json) { ++called; });
+      c.call("pid", {}, [&](aet::Checkout&, Json) { ++called; });
+      if (i % 2 == 0) kept.push_back(c);
+    }
+    kept.push_back(client->checkout());  // never served
+    REQUIRE_FALSE(run_until(loop, [] { return false; }, 0.05));
+    client.reset();
+  }
+  REQUIRE_FALSE(run_until(loop, [] { return false; }, 0.3));
+  REQUIRE(called == 0);
+  REQUIRE(aet_test::open_fds() == fds_before);
+  // Handles that outlive the client are inert.
+  bool threw = false;
+  try {
+    kept[0].call("pid", {}, [](aet::Checkout&, Json) {});
+  } catch (const aet::Error& e) {
+    threw = std::string(e.what()) == "client is gone";
+  }
+  REQUIRE(threw);
+  REQUIRE_THROWS_AS(kept[1].throw_fatal_error("x"), aet::Error);
+  kept.clear();
+}
+
+TEST_CASE("a callback or catcher that destroys the client is safe") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  SECTION("a result callback") {
+    auto client = std::make_unique<aet::Client>(loop, rig.client_options());
+    bool done = false;
+    aet::Checkout c = client->checkout();
+    c.call("pid", {}, [&](aet::Checkout& again, Json) {
+      client.reset();
+      done = true;
+      REQUIRE_THROWS_AS(again.call("pid", {}, [](aet::Checkout&, Json) {}), aet::Error);
+    });
+    c.call("pid", {}, [&](aet::Checkout&, Json) { FAIL("discarded with the client"); });
+    REQUIRE(run_until(loop, [&] { return done; }));
+    REQUIRE_FALSE(run_until(loop, [] { return false; }, 0.2));
+  }
+  SECTION("a catcher") {
+    auto client = std::make_unique<aet::Client>(loop, rig.client_options());
+    bool done = false;
+    aet::frame_try(
+        [&] {
+          for (int i = 0; i < 3; ++i) client->checkout().call("fail", {"x"}, [](aet::Checkout&, Json) {});
+        },
+        [&](const std::exception&, const std::string&) {
+          REQUIRE_FALSE(done);  // the others are discarded with the client
+          client.reset();
+          done = true;
+        });
+    REQUIRE(run_until(loop, [&] { return done; }));
+    REQUIRE_FALSE(run_until(loop, [] { return false; }, 0.2));
+  }
+  SECTION("a timeout's catcher") {
+    aet::ClientOptions co = rig.client_options();
+    co.timeout = 0.1;
+    auto client = std::make_unique<aet::Client>(loop, co);
+    bool done = false;
+    aet::frame_try([&] { client->checkout().call("sleep", {0.5}, [](aet::Checkout&, Json) {}); },
+                   [&](const std::exception&, const std::string&) {
+                     client.reset();
+                     done = true;
+                   });
+    REQUIRE(run_until(loop, [&] { return done; }));
+    REQUIRE_FALSE(run_until(loop, [] { return false; }, 0.2));
+  }
+}
+
+TEST_CASE("past max_pending_checkouts checkout() throws OverloadError at once") {
+  Rig rig;  // no server: nothing is ever served
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  co.max_pending_checkouts = 3;
+  aet::Client client(loop, co);
+  std::vector<aet::Checkout> held;
+  for (int i = 0; i < 2; ++i) {
+    held.push_back(client.checkout());
+    held.back().call("pid", {}, [](aet::Checkout&, Json) {});
+  }
+  {
+    aet::Checkout unused = client.checkout();  // pending too, until its handle goes
+    REQUIRE(client.pending_checkout_count() == 3);
+  }
+  REQUIRE(client.pending_checkout_count() == 2);
+  held.push_back(client.checkout());
+  bool threw = false;
+  try {
+    client.checkout();
+  } catch (const aet::OverloadError& e) {
+    threw = std::string(e.what()) == "too many pending checkouts (3)";
+  }
+  REQUIRE(threw);
+  held.back().call("pid", {}, [](aet::Checkout&, Json) {});
+  held.pop_back();  // still pending: its call keeps it
+  REQUIRE(client.pending_checkout_count() == 3);
+  REQUIRE_THROWS_AS(client.checkout(), aet::OverloadError);
+}
+
+TEST_CASE("the pool opens min_workers at start and never more than max_workers") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  co.min_workers = 3;
+  co.max_workers = 4;
+  aet::Client client(loop, co);
+  REQUIRE(client.worker_count() == 3);
+  REQUIRE(run_until(loop, [&] { return client.idle_worker_count() == 3; }));
+  int done = 0;
+  for (int i = 0; i < 10; ++i) client.checkout().call("sleep", {0.05}, [&](aet::Checkout&, Json) { ++done; });
+  REQUIRE(client.worker_count() == 4);
+  REQUIRE(run_until(loop, [&] { return done == 10; }));
+  REQUIRE(client.worker_count() == 4);
+
+  aet::ClientOptions capped = rig.client_options();
+  capped.min_workers = 5;
+  capped.max_workers = 2;
+  aet::Client small(loop, capped);
+  REQUIRE(small.worker_count() == 2);
+}
+
+TEST_CASE("a client connects over TCP, IPv4 and IPv6") {
+  aet::Loop loop;
+  for (std::string listen : {"tcp:127.0.0.1:0", "tcp:[::1]:0"}) {
+    aet::ServerOptions so;
+    so.listen = listen;
+    so.interface = standard_methods();
+    std::optional<aet::TaskServer> server;
+    try {
+      server.emplace(aet::fork_task_server(so));
+    } catch (const aet::ServerError& e) {
+      if (listen.find("::1") != std::string::npos) continue;  // no IPv6 on this machine
+      throw;
+    }
+    INFO(server->address());
+    aet::ClientOptions co;
+    co.connect = server->address();
+    co.timeout = 10;
+    aet::Client client(loop, co);
+    REQUIRE(call_and_wait(loop, client, "echo", {"over tcp"}) == Json{"over tcp"});
+  }
+}
+
+TEST_CASE("a large call and reply go through partial writes") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::Client client(loop, rig.client_options());
+  std::string big(8 * 1024 * 1024, 'x');
+  for (std::size_t i = 0; i < big.size(); i += 4099) big[i] = static_cast<char>('a' + i % 26);
+  REQUIRE(call_and_wait(loop, client, "echo", {big}) == Json{big});
+}
+
+TEST_CASE("a reply above max_frame is a protocol error on that checkout") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  co.max_frame = 1000;
+  aet::Client client(loop, co);
+  Caught caught;
+  aet::Checkout c = client.checkout();
+  aet::frame_try([&] { c.call("echo", {std::string(5000, 'y')}, [](aet::Checkout&, Json) {}); },
+                 catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return caught.count > 0; }));
+  INFO(caught.what);
+  REQUIRE(caught.what.rfind("protocol error: ", 0) == 0);
+  REQUIRE(caught.kind == "checkout");
+  Caught later;
+  aet::frame_try([&] { c.call("pid", {}, [](aet::Checkout&, Json) {}); }, catch_into(later));
+  REQUIRE(run_until(loop, [&] { return later.count > 0; }));
+  REQUIRE(later.what == caught.what);
+  REQUIRE(call_and_wait(loop, client, "echo", {1}) == Json{1});
+}
+
+TEST_CASE("a value JSON cannot carry fails in call() itself") {
+  Rig rig;
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  co.min_workers = 0;
+  aet::Client client(loop, co);
+  aet::Checkout c = client.checkout();
+  REQUIRE_THROWS_AS(c.call("echo", {std::string("\xFF\xFE")}, [](aet::Checkout&, Json) {}), aet::JsonError);
+  REQUIRE_THROWS_AS(aet::Client(loop, [] {
+                      aet::ClientOptions bad;
+                      bad.connect = "carrier-pigeon:coop";
+                      return bad;
+                    }()),
+                    aet::Error);
+}
+
+TEST_CASE("an empty Checkout handle throws") {
+  aet::Checkout empty;
+  REQUIRE_FALSE(empty);
+  REQUIRE_THROWS_AS(empty.call("x", {}, [](aet::Checkout&, Json) {}), aet::Error);
+}
