@@ -686,29 +686,46 @@ class ProtocolError : public Error {
 
 constexpr std::size_t default_max_frame = AET_DEFAULT_MAX_FRAME;
 
-// Appends one frame holding `message` to `out`.
+// Appends one frame holding `message` (compact JSON) to `out`. Throws
+// JsonError when the message cannot be printed (NaN, invalid UTF-8), and
+// ProtocolError when it exceeds 4 GiB; `out` is then left as it was.
 void append_frame(std::string& out, const Json& message);
 std::string encode_frame(const Json& message);
 
-// Throws ProtocolError unless `message` is a well-formed do/dn/ok/er array.
+// Throws ProtocolError unless `message` is a well-formed do/dn/ok/er array:
+// ["do", {meta}, args...], ["dn", {meta}], ["ok", {meta}, result] or
+// ["er", {meta}, "message"]. Unknown meta keys are fine.
 void check_message(const Json& message);
 
 // Takes bytes in any chunking and yields whole, shape-checked messages.
+//
+// A frame whose body is bad (not JSON, wrong shape) is consumed and makes
+// next() throw once; the stream stays in step and later frames decode. A bad
+// header (a zero length, or a length above max_frame) is fatal: nothing after
+// it is buffered, the messages before it are still yielded, then next()
+// throws, and so does every later feed() or next(). feed() throws at once
+// when no whole message waits before the bad header, so an oversize header
+// is refused before its body arrives.
 class FrameDecoder {
  public:
   explicit FrameDecoder(std::size_t max_frame = default_max_frame,
                         std::size_t max_depth = AET_DEFAULT_MAX_DEPTH);
-  // Throws ProtocolError as soon as a header announces an oversize frame.
   void feed(const char* data, std::size_t size);
   void feed(std::string_view bytes) { feed(bytes.data(), bytes.size()); }
   // The next whole message, or nothing yet; ProtocolError on a bad one.
   std::optional<Json> next();
-  std::size_t buffered() const noexcept;  // bytes held, not yet yielded
+  std::size_t buffered() const noexcept { return buffer_.size() - read_pos_; }  // held, not yet yielded
 
  private:
+  void compact();
+  void release_if_drained();
+  [[noreturn]] void throw_broken() const;
   std::size_t max_frame_, max_depth_;
   std::string buffer_;
-  std::size_t read_pos_ = 0;
+  std::size_t read_pos_ = 0;     // start of the first frame not yet yielded
+  std::size_t pending_pos_ = 0;  // start of the first frame not yet complete
+  std::size_t pending_length_ = 0;  // its body length, once its header is in
+  std::string broken_;           // why the stream is unusable, after a bad header
 };
 
 // ===========================================================================
@@ -2798,6 +2815,169 @@ inline double Loop::now() {
 }  // namespace aet
 
 // ---- implementation: protocol ----------------------------------------------
+
+namespace aet {
+
+namespace detail {
+
+inline std::string quoted_for_message(const std::string& s) {
+  std::string shown = s.size() > 40 ? s.substr(0, 40) : s;
+  std::string out;
+  try {
+    Json(shown).dump_to(out);
+  } catch (const JsonError&) {
+    out = "(not UTF-8)";
+  }
+  return s.size() > 40 ? out + "..." : out;
+}
+
+inline void check_length(const char* command, std::size_t got, std::size_t expected) {
+  if (got != expected)
+    throw ProtocolError(std::string("\"") + command + "\" message has " + std::to_string(got) +
+                        " elements, expected " + std::to_string(expected));
+}
+
+}  // namespace detail
+
+inline void append_frame(std::string& out, const Json& message) {
+  const std::size_t start = out.size();
+  out.append(4, '\0');
+  try {
+    message.dump_to(out);
+  } catch (...) {
+    out.resize(start);
+    throw;
+  }
+  const std::size_t length = out.size() - start - 4;
+  if (length > 0xFFFFFFFFu) {
+    out.resize(start);
+    throw ProtocolError("message of " + std::to_string(length) + " bytes is too large for a frame");
+  }
+  out[start] = static_cast<char>(length >> 24);
+  out[start + 1] = static_cast<char>(length >> 16);
+  out[start + 2] = static_cast<char>(length >> 8);
+  out[start + 3] = static_cast<char>(length);
+}
+
+inline std::string encode_frame(const Json& message) {
+  std::string out;
+  append_frame(out, message);
+  return out;
+}
+
+inline void check_message(const Json& message) {
+  if (!message.is_array()) throw ProtocolError(std::string("message is not an array but ") + to_string(message.type()));
+  const Json::Array& parts = message.as_array();
+  if (parts.empty()) throw ProtocolError("message is an empty array");
+  if (!parts[0].is_string())
+    throw ProtocolError(std::string("message command is not a string but ") + to_string(parts[0].type()));
+  const std::string& command = parts[0].as_string();
+  const bool known = command == "do" || command == "dn" || command == "ok" || command == "er";
+  if (!known) throw ProtocolError("unknown command " + detail::quoted_for_message(command));
+  if (parts.size() < 2) throw ProtocolError("\"" + command + "\" message has no meta");
+  if (!parts[1].is_object())
+    throw ProtocolError(std::string("meta is not an object but ") + to_string(parts[1].type()));
+  if (command == "dn") detail::check_length("dn", parts.size(), 2);
+  if (command == "ok") detail::check_length("ok", parts.size(), 3);
+  if (command == "er") {
+    detail::check_length("er", parts.size(), 3);
+    if (!parts[2].is_string())
+      throw ProtocolError(std::string("\"er\" message is not a string but ") + to_string(parts[2].type()));
+  }
+}
+
+inline FrameDecoder::FrameDecoder(std::size_t max_frame, std::size_t max_depth)
+    : max_frame_(max_frame), max_depth_(max_depth) {}
+
+inline void FrameDecoder::throw_broken() const { throw ProtocolError(broken_); }
+
+// Drops yielded bytes from the front once they are at least half the
+// buffer, so each byte is moved O(1) times however the input is chunked.
+inline void FrameDecoder::compact() {
+  if (read_pos_ == 0) return;
+  if (read_pos_ == buffer_.size()) {
+    buffer_.clear();
+  } else if (read_pos_ >= 4096 && read_pos_ * 2 >= buffer_.size()) {
+    buffer_.erase(0, read_pos_);
+  } else {
+    return;
+  }
+  pending_pos_ -= read_pos_;
+  read_pos_ = 0;
+}
+
+// After a large frame, gives its memory back instead of keeping the peak.
+inline void FrameDecoder::release_if_drained() {
+  if (read_pos_ != buffer_.size() || buffer_.capacity() <= (std::size_t{1} << 20)) return;
+  std::string().swap(buffer_);
+  read_pos_ = pending_pos_ = 0;
+}
+
+inline void FrameDecoder::feed(const char* data, std::size_t size) {
+  if (!broken_.empty()) throw_broken();
+  compact();
+  while (size > 0) {
+    std::size_t have = buffer_.size() - pending_pos_;
+    if (have < 4) {
+      // Complete the header first: its length decides whether the body is
+      // welcome at all.
+      const std::size_t take = std::min(4 - have, size);
+      buffer_.append(data, take);
+      data += take;
+      size -= take;
+      if (buffer_.size() - pending_pos_ < 4) break;
+      const auto* h = reinterpret_cast<const unsigned char*>(buffer_.data() + pending_pos_);
+      const std::size_t length = std::size_t{h[0]} << 24 | std::size_t{h[1]} << 16 | std::size_t{h[2]} << 8 | h[3];
+      if (length == 0 || length > max_frame_) {
+        broken_ = length == 0 ? std::string("zero-length frame")
+                              : "frame of " + std::to_string(length) + " bytes exceeds the limit of " +
+                                    std::to_string(max_frame_);
+        buffer_.resize(pending_pos_);
+        if (read_pos_ == pending_pos_) throw_broken();
+        return;
+      }
+      pending_length_ = length;
+      // One allocation for the whole frame: the body is then copied once.
+      if (buffer_.capacity() < pending_pos_ + 4 + length) buffer_.reserve(pending_pos_ + 4 + length);
+      have = 4;
+    }
+    const std::size_t need = 4 + pending_length_ - have;
+    const std::size_t take = std::min(need, size);
+    buffer_.append(data, take);
+    data += take;
+    size -= take;
+    if (take == need) {
+      pending_pos_ += 4 + pending_length_;
+      pending_length_ = 0;
+    }
+  }
+}
+
+inline std::optional<Json> FrameDecoder::next() {
+  if (read_pos_ == pending_pos_) {
+    if (!broken_.empty()) throw_broken();
+    return std::nullopt;
+  }
+  const auto* h = reinterpret_cast<const unsigned char*>(buffer_.data() + read_pos_);
+  const std::size_t length = std::size_t{h[0]} << 24 | std::size_t{h[1]} << 16 | std::size_t{h[2]} << 8 | h[3];
+  const std::string_view body(buffer_.data() + read_pos_ + 4, length);
+  read_pos_ += 4 + length;  // consumed whatever happens: the stream stays in step
+  Json message;
+  try {
+    Json::ParseOptions options;
+    options.max_depth = max_depth_;
+    message = Json::parse(body, options);
+  } catch (const JsonParseError& e) {
+    release_if_drained();
+    throw ProtocolError("bad JSON in frame: " + std::string(e.what()));
+  }
+  release_if_drained();
+  check_message(message);
+  return message;
+}
+
+}  // namespace aet
+
 
 // ---- implementation: server ------------------------------------------------
 

@@ -1,0 +1,329 @@
+// The wire protocol: frame encoding, message shape checks, incremental decoding.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "anyevent_task.hpp"
+
+using aet::FrameDecoder;
+using aet::Json;
+
+namespace {
+
+std::string header(std::uint32_t length) {
+  std::string h(4, '\0');
+  h[0] = static_cast<char>(length >> 24);
+  h[1] = static_cast<char>(length >> 16);
+  h[2] = static_cast<char>(length >> 8);
+  h[3] = static_cast<char>(length);
+  return h;
+}
+
+std::string raw_frame(const std::string& body) { return header(static_cast<std::uint32_t>(body.size())) + body; }
+
+template <class F>
+std::string protocol_error(F&& f) {
+  try {
+    f();
+  } catch (const aet::ProtocolError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+std::string check_error(const std::string& text) {
+  return protocol_error([&] { aet::check_message(Json::parse(text)); });
+}
+
+// A stream of every kind of message, small and large.
+std::vector<Json> sample_messages() {
+  std::vector<Json> messages;
+  messages.push_back(Json{"do", Json::object(), "hash", "secret"});
+  messages.push_back(Json{"ok", Json::object({{"ld", Json::object({{"logs", Json::array()}})}}), "crypted"});
+  messages.push_back(Json{"do", Json::object({{"unknown", 1}}), 1, 2.5, nullptr, true});
+  messages.push_back(Json{"er", Json::object(), "caf\xc3\xa9 \xf0\x9f\x98\x80 failed\n"});
+  messages.push_back(Json{"dn", Json::object()});
+  Json big = Json::array();
+  for (int i = 0; i < 3000; ++i) big.push_back(Json::object({{"i", i}, {"s", "text \"" + std::to_string(i) + "\""}}));
+  messages.push_back(Json{"ok", Json::object(), big});
+  messages.push_back(Json{"do", Json::object()});
+  messages.push_back(Json{"ok", Json::object(), Json::object({{"nested", Json{Json{1, 2}, Json{3}}}})});
+  return messages;
+}
+
+std::string encode_all(const std::vector<Json>& messages) {
+  std::string stream;
+  for (const Json& m : messages) aet::append_frame(stream, m);
+  return stream;
+}
+
+// Feeds `stream` in chunks whose sizes come from `next_size`, draining the
+// decoder after each chunk.
+template <class NextSize>
+std::vector<Json> decode_in_chunks(const std::string& stream, NextSize next_size) {
+  FrameDecoder decoder;
+  std::vector<Json> out;
+  std::size_t pos = 0;
+  while (pos < stream.size()) {
+    const std::size_t n = std::min(next_size(), stream.size() - pos);
+    decoder.feed(stream.data() + pos, n);
+    pos += n;
+    while (auto m = decoder.next()) out.push_back(std::move(*m));
+  }
+  REQUIRE(decoder.buffered() == 0);
+  REQUIRE_FALSE(decoder.next().has_value());
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("a frame is a big-endian length and compact JSON") {
+  Json m{"dn", Json::object()};
+  REQUIRE(aet::encode_frame(m) == header(9) + R"(["dn",{}])");
+  Json big{"ok", Json::object(), std::string(300, 'x')};
+  std::string frame = aet::encode_frame(big);
+  REQUIRE(frame.size() == 4 + 312);
+  REQUIRE(frame.substr(0, 4) == header(312));
+  REQUIRE(Json::parse(frame.substr(4)) == big);
+  std::string long_body = aet::encode_frame(Json{"ok", Json::object(), std::string(0x012345, 'y')});
+  REQUIRE(static_cast<unsigned char>(long_body[1]) == 0x01);
+  REQUIRE(static_cast<unsigned char>(long_body[2]) == 0x23);
+  REQUIRE(static_cast<unsigned char>(long_body[3]) == 0x45 + 12);
+}
+
+TEST_CASE("append_frame appends, and leaves the buffer alone when the message cannot be printed") {
+  std::string out = "xyz";
+  aet::append_frame(out, Json{"dn", Json::object()});
+  REQUIRE(out == "xyz" + header(9) + R"(["dn",{}])");
+  const std::string before = out;
+  REQUIRE_THROWS_AS(aet::append_frame(out, Json{"ok", Json::object(), std::nan("")}), aet::JsonError);
+  REQUIRE(out == before);
+  REQUIRE_THROWS_AS(aet::append_frame(out, Json{"ok", Json::object(), "\xff"}), aet::JsonError);
+  REQUIRE(out == before);
+}
+
+TEST_CASE("well-formed messages pass the shape check") {
+  for (const char* text : {R"(["do",{}])", R"(["do",{},"method",1,[2],{"a":3}])", R"(["dn",{}])",
+                           R"(["dn",{"anything":[1]}])", R"(["ok",{},null])", R"(["ok",{"ld":{}},{"r":1}])",
+                           R"(["er",{},"it failed"])", R"(["er",{"x":1},""])"}) {
+    INFO(text);
+    REQUIRE_NOTHROW(aet::check_message(Json::parse(text)));
+  }
+}
+
+TEST_CASE("every shape violation is a protocol error with a clear message") {
+  REQUIRE(check_error(R"({"do":1})") == "message is not an array but object");
+  REQUIRE(check_error(R"("do")") == "message is not an array but string");
+  REQUIRE(check_error("null").find("message is not an array") == 0);
+  REQUIRE(check_error("[]") == "message is an empty array");
+  REQUIRE(check_error("[1,{}]") == "message command is not a string but number");
+  REQUIRE(check_error(R"(["xx",{}])") == "unknown command \"xx\"");
+  REQUIRE(check_error(R"(["DO",{}])") == "unknown command \"DO\"");
+  REQUIRE(check_error(R"(["",{}])") == "unknown command \"\"");
+  REQUIRE(check_error("[\"" + std::string(100, 'z') + "\",{}]").find("...") != std::string::npos);
+  REQUIRE(check_error(R"(["do"])") == "\"do\" message has no meta");
+  REQUIRE(check_error(R"(["ok"])") == "\"ok\" message has no meta");
+  REQUIRE(check_error(R"(["do",[]])") == "meta is not an object but array");
+  REQUIRE(check_error(R"(["ok",null,1])") == "meta is not an object but null");
+  REQUIRE(check_error(R"(["dn",{},1])") == "\"dn\" message has 3 elements, expected 2");
+  REQUIRE(check_error(R"(["ok",{}])") == "\"ok\" message has 2 elements, expected 3");
+  REQUIRE(check_error(R"(["ok",{},1,2])") == "\"ok\" message has 4 elements, expected 3");
+  REQUIRE(check_error(R"(["er",{}])") == "\"er\" message has 2 elements, expected 3");
+  REQUIRE(check_error(R"(["er",{},"a","b"])") == "\"er\" message has 4 elements, expected 3");
+  REQUIRE(check_error(R"(["er",{},42])") == "\"er\" message is not a string but number");
+  REQUIRE_THROWS_AS(aet::check_message(Json(1)), aet::Error);
+}
+
+TEST_CASE("messages decode the same in every chunking") {
+  const std::vector<Json> messages = sample_messages();
+  const std::string stream = encode_all(messages);
+  for (std::size_t chunk : {std::size_t{1}, std::size_t{2}, std::size_t{3}, std::size_t{7}, std::size_t{64},
+                            std::size_t{4096}, stream.size()}) {
+    INFO("chunk size " << chunk);
+    std::vector<Json> out = decode_in_chunks(stream, [chunk] { return chunk; });
+    REQUIRE(out == messages);
+  }
+  std::mt19937 rng(12345);
+  for (int round = 0; round < 20; ++round) {
+    INFO("random round " << round);
+    const std::size_t limit = round < 10 ? 16 : 70000;
+    std::vector<Json> out =
+        decode_in_chunks(stream, [&] { return std::uniform_int_distribution<std::size_t>(1, limit)(rng); });
+    REQUIRE(out == messages);
+  }
+}
+
+TEST_CASE("messages fed together come out one by one") {
+  const std::vector<Json> messages = sample_messages();
+  FrameDecoder decoder;
+  decoder.feed(encode_all(messages));
+  for (const Json& m : messages) {
+    auto got = decoder.next();
+    REQUIRE(got.has_value());
+    REQUIRE(*got == m);
+  }
+  REQUIRE_FALSE(decoder.next().has_value());
+  REQUIRE(decoder.buffered() == 0);
+}
+
+TEST_CASE("a truncated frame yields nothing yet and is counted as buffered") {
+  const std::string frame = aet::encode_frame(Json{"ok", Json::object(), "a result"});
+  FrameDecoder decoder;
+  decoder.feed(frame.substr(0, 2));  // part of the header
+  REQUIRE_FALSE(decoder.next().has_value());
+  REQUIRE(decoder.buffered() == 2);
+  decoder.feed(frame.substr(2, 8));  // the rest of the header and part of the body
+  REQUIRE_FALSE(decoder.next().has_value());
+  REQUIRE(decoder.buffered() == 10);
+  decoder.feed(frame.substr(10, frame.size() - 11));  // all but the last byte
+  REQUIRE_FALSE(decoder.next().has_value());
+  REQUIRE(decoder.buffered() == frame.size() - 1);
+  decoder.feed(frame.substr(frame.size() - 1));
+  REQUIRE(decoder.buffered() == frame.size());
+  auto m = decoder.next();
+  REQUIRE(m.has_value());
+  REQUIRE((*m)[2].as_string() == "a result");
+  REQUIRE(decoder.buffered() == 0);
+}
+
+TEST_CASE("an oversize header is refused before its body arrives") {
+  FrameDecoder decoder(1000);
+  decoder.feed(header(1000).substr(0, 3));
+  REQUIRE(decoder.buffered() == 3);
+  std::string message = protocol_error([&] { decoder.feed(header(1001).substr(3)); });
+  REQUIRE(message == "frame of 1001 bytes exceeds the limit of 1000");
+  REQUIRE(decoder.buffered() == 0);  // nothing of it is kept
+  // The stream is broken for good.
+  REQUIRE(protocol_error([&] { decoder.feed("more"); }) == message);
+  REQUIRE(protocol_error([&] { decoder.next(); }) == message);
+
+  FrameDecoder limit_ok(1000);
+  limit_ok.feed(header(1000));  // exactly the limit is fine
+  REQUIRE_FALSE(limit_ok.next().has_value());
+  REQUIRE(limit_ok.buffered() == 4);
+}
+
+TEST_CASE("the default frame limit is 64 MiB") {
+  REQUIRE(aet::default_max_frame == 67108864u);
+  FrameDecoder decoder;
+  REQUIRE(protocol_error([&] { decoder.feed(header(70000000)); }) ==
+          "frame of 70000000 bytes exceeds the limit of 67108864");
+  FrameDecoder at_limit;
+  REQUIRE_NOTHROW(at_limit.feed(header(67108864)));
+}
+
+TEST_CASE("messages before a bad header are still delivered, then the error") {
+  const std::string good = aet::encode_frame(Json{"ok", Json::object(), 1});
+  FrameDecoder decoder(100);
+  REQUIRE_NOTHROW(decoder.feed(good + good + header(5000) + std::string(50, 'x')));
+  REQUIRE(decoder.buffered() == 2 * good.size());
+  REQUIRE(decoder.next().has_value());
+  REQUIRE(decoder.next().has_value());
+  REQUIRE(protocol_error([&] { decoder.next(); }) == "frame of 5000 bytes exceeds the limit of 100");
+  REQUIRE(protocol_error([&] { decoder.next(); }) == "frame of 5000 bytes exceeds the limit of 100");
+  REQUIRE(protocol_error([&] { decoder.feed(good); }) == "frame of 5000 bytes exceeds the limit of 100");
+}
+
+TEST_CASE("a zero-length frame is a protocol error") {
+  FrameDecoder decoder;
+  REQUIRE(protocol_error([&] { decoder.feed(header(0)); }) == "zero-length frame");
+  REQUIRE(protocol_error([&] { decoder.next(); }) == "zero-length frame");
+
+  FrameDecoder after_good;
+  after_good.feed(aet::encode_frame(Json{"dn", Json::object()}) + header(0));
+  REQUIRE(after_good.next().has_value());
+  REQUIRE(protocol_error([&] { after_good.next(); }) == "zero-length frame");
+}
+
+TEST_CASE("a frame that is not JSON is a protocol error and the stream goes on") {
+  const std::string good = aet::encode_frame(Json{"dn", Json::object()});
+  for (const std::string& body : {std::string("not json"), std::string("[\"ok\",{},1"), std::string("[1,]"),
+                                  std::string("\"\xff\""), std::string("[\"ok\",{},1] trailing"),
+                                  std::string(" "), std::string("\0\0\0", 3)}) {
+    INFO(body);
+    FrameDecoder decoder;
+    decoder.feed(raw_frame(body) + good);
+    std::string message = protocol_error([&] { decoder.next(); });
+    REQUIRE(message.find("bad JSON in frame: JSON parse error at line 1, column ") == 0);
+    auto after = decoder.next();
+    REQUIRE(after.has_value());
+    REQUIRE((*after)[0].as_string() == "dn");
+    REQUIRE(decoder.buffered() == 0);
+  }
+}
+
+TEST_CASE("a frame with a bad shape is a protocol error and the stream goes on") {
+  const std::string good = aet::encode_frame(Json{"ok", Json::object(), "fine"});
+  for (const char* body : {R"({"do":{}})", R"(["xx",{}])", R"(["ok",{}])", R"(["er",{},1])", R"(["dn",[]])", "42"}) {
+    INFO(body);
+    FrameDecoder decoder;
+    decoder.feed(raw_frame(body) + good);
+    REQUIRE_THROWS_AS(decoder.next(), aet::ProtocolError);
+    auto after = decoder.next();
+    REQUIRE(after.has_value());
+    REQUIRE((*after)[2].as_string() == "fine");
+  }
+  FrameDecoder decoder;
+  decoder.feed(raw_frame(R"(["zz",{}])"));
+  REQUIRE(protocol_error([&] { decoder.next(); }) == "unknown command \"zz\"");
+}
+
+TEST_CASE("the decoder applies its JSON nesting limit") {
+  const std::string deep = aet::encode_frame(Json{"ok", Json::object(), Json::parse("[[[[[1]]]]]")});
+  FrameDecoder strict(aet::default_max_frame, 4);
+  strict.feed(deep);
+  REQUIRE(protocol_error([&] { strict.next(); }).find("nesting deeper than 4 levels") != std::string::npos);
+  FrameDecoder relaxed(aet::default_max_frame, 6);
+  relaxed.feed(deep);
+  REQUIRE(relaxed.next().has_value());
+}
+
+TEST_CASE("a large frame decodes from chunks") {
+  Json payload = Json::array();
+  for (int i = 0; i < 200000; ++i) payload.push_back("element " + std::to_string(i));
+  const Json message{"ok", Json::object(), payload};
+  const std::string frame = aet::encode_frame(message);
+  REQUIRE(frame.size() > 3000000);
+  FrameDecoder decoder;
+  std::size_t pos = 0;
+  while (pos + 65536 < frame.size()) {
+    decoder.feed(frame.data() + pos, 65536);
+    pos += 65536;
+    REQUIRE_FALSE(decoder.next().has_value());
+    REQUIRE(decoder.buffered() == pos);
+  }
+  decoder.feed(frame.data() + pos, frame.size() - pos);
+  auto got = decoder.next();
+  REQUIRE(got.has_value());
+  REQUIRE(*got == message);
+  REQUIRE(decoder.buffered() == 0);
+}
+
+TEST_CASE("a long stream of small messages keeps the buffer small") {
+  std::string stream;
+  const int count = 50000;
+  for (int i = 0; i < count; ++i) aet::append_frame(stream, Json{"do", Json::object(), "m", i});
+  FrameDecoder decoder;
+  int seen = 0;
+  std::size_t most_buffered = 0;
+  for (std::size_t pos = 0; pos < stream.size(); pos += 5) {
+    decoder.feed(stream.data() + pos, std::min<std::size_t>(5, stream.size() - pos));
+    most_buffered = std::max(most_buffered, decoder.buffered());
+    while (auto m = decoder.next()) {
+      REQUIRE((*m)[3].as_int() == seen);
+      ++seen;
+    }
+  }
+  REQUIRE(seen == count);
+  REQUIRE(most_buffered < 32);
+  REQUIRE(decoder.buffered() == 0);
+
+  // Undrained, the decoder holds exactly what it was given.
+  FrameDecoder undrained;
+  undrained.feed(stream.substr(0, 1000));
+  REQUIRE(undrained.buffered() == 1000);
+}
