@@ -810,6 +810,7 @@ class Server {
 // that made it) lives.
 class TaskServer {
  public:
+  TaskServer() = default;  // no server: pid() is -1, stop() does nothing
   TaskServer(TaskServer&&) noexcept;
   TaskServer& operator=(TaskServer&&) noexcept;
   ~TaskServer();  // stop()
@@ -832,9 +833,10 @@ class TaskServer {
 // Binds here (errors are thrown here, the port is known), then forks a
 // process that runs the server. That process ends when the handle is
 // dropped or this process dies: it watches a keep-alive socket whose other
-// end only this process holds (and asks for SIGTERM on parent death, which
-// Linux sends when the forking *thread* ends). A child this process forks
-// without exec keeps the keep-alive end open too.
+// end this process holds; dropping the handle shuts that socket down, and
+// dying closes it. As a second guard it asks for SIGTERM on parent death,
+// which Linux sends when the forking *thread* ends: call it from a thread
+// that outlives the handle, such as the main thread.
 TaskServer fork_task_server(ServerOptions options);
 
 // ===========================================================================
@@ -2496,8 +2498,6 @@ inline std::int64_t delay_ns(double seconds, const char* what) {
   return static_cast<std::int64_t>(std::ceil(std::min(seconds, max_seconds) * 1e9));
 }
 
-// Milliseconds for poll(), rounded up: a timeout rounded down would wake
-// before the deadline and spin with timeout 0 until it passes.
 // A repeat interval in ns, rounded to nearest (so the grid keeps its
 // period); 0 for a one-shot timer, at least 1 otherwise.
 inline std::int64_t interval_ns(double seconds) {
@@ -2507,6 +2507,8 @@ inline std::int64_t interval_ns(double seconds) {
   return std::max<std::int64_t>(1, std::llround(std::min(seconds, max_seconds) * 1e9));
 }
 
+// Milliseconds for poll(), rounded up: a timeout rounded down would wake
+// before the deadline and spin with timeout 0 until it passes.
 inline int poll_timeout_ms(std::int64_t ns) noexcept {
   if (ns <= 0) return 0;
   const std::int64_t ms = (ns + 999999) / 1000000;
@@ -2547,6 +2549,10 @@ struct LoopState {
     std::shared_ptr<EventHost::TimerCallback> callback;
   };
   using QueueKey = std::pair<std::int64_t, std::uint64_t>;  // (deadline, seq)
+  struct ReadyIo {
+    EventHost::Id id;
+    unsigned events;
+  };
 
   EventHost::Id next_id = 1;
   std::uint64_t next_seq = 1;
@@ -2556,7 +2562,13 @@ struct LoopState {
   std::map<QueueKey, EventHost::Id> queue;  // every timer by its next deadline
   bool dispatching = false;
   bool stop_requested = false;
-  std::vector<pollfd> poll_fds;  // run_once()'s own array, reused
+  // Scratch space reused from round to round. The two due lists are read
+  // while callbacks run, which is safe because process() is not reentrant.
+  std::vector<pollfd> poll_fds;                       // run_once()'s array
+  std::unordered_map<int, std::size_t> fd_slots;      // prepare(): fd -> entry
+  std::unordered_map<int, short> ready_fds;           // process(): fd -> revents
+  std::vector<ReadyIo> due_io;
+  std::vector<EventHost::Id> due_timers;
 
   EventHost::Id add_timer(std::int64_t deadline, std::int64_t interval,
                           EventHost::TimerCallback callback) {
@@ -2572,24 +2584,22 @@ struct LoopState {
   void dispatch_io(const pollfd* fds, std::size_t count) {
     const bool fresh = std::exchange(prepared, false);  // a second process() reports nothing
     if (!fresh || count == 0 || ios.empty()) return;
-    std::unordered_map<int, short> ready;
+    std::unordered_map<int, short>& ready = ready_fds;
+    ready.clear();
     for (std::size_t i = 0; i < count; ++i)
       if (fds[i].revents != 0) ready[fds[i].fd] |= fds[i].revents;
     if (ready.empty()) return;
 
     // Decide who is ready before calling anyone, from what was polled: an
     // interest added or widened since prepare() gets nothing from this round.
-    struct Ready {
-      EventHost::Id id;
-      unsigned events;
-    };
-    std::vector<Ready> due;
+    std::vector<ReadyIo>& due = due_io;
+    due.clear();
     for (const auto& [id, io] : ios) {
       auto it = ready.find(io.fd);
       if (it == ready.end()) continue;
       if (unsigned events = readiness(it->second, io.polled_events)) due.push_back({id, events});
     }
-    for (const Ready& r : due) {
+    for (const ReadyIo& r : due) {
       auto it = ios.find(r.id);
       if (it == ios.end()) continue;  // removed by an earlier callback
       const unsigned events = r.events & it->second.events;  // narrowed since?
@@ -2604,7 +2614,8 @@ struct LoopState {
     const std::int64_t now = monotonic_ns();
     // Only timers due now and started before this point: one started by a
     // callback, even with delay 0, waits for the next round (no starvation).
-    std::vector<EventHost::Id> due;
+    std::vector<EventHost::Id>& due = due_timers;
+    due.clear();
     for (auto it = queue.begin(); it != queue.end() && it->first.first <= now; ++it)
       due.push_back(it->second);
     for (EventHost::Id id : due) {
@@ -2745,8 +2756,9 @@ inline void Loop::stop_timer(Id id) {
 inline int Loop::prepare(std::vector<pollfd>& fds) {
   auto& s = *state_;
   s.prepared = true;
-  // One entry per fd: index of each fd's entry among those appended here.
-  std::unordered_map<int, std::size_t> slot;
+  // One entry per fd: where each fd's entry is among those appended here.
+  std::unordered_map<int, std::size_t>& slot = s.fd_slots;
+  slot.clear();
   for (auto& [id, io] : s.ios) {
     (void)id;
     io.polled_events = io.events;
@@ -2788,7 +2800,7 @@ inline bool Loop::run_once(double timeout) {
   }
   if (::poll(fds.data(), static_cast<nfds_t>(fds.size()), wait) < 0) {
     const int error = errno;
-    if (error != EINTR) throw SystemError("poll", error);
+    if (error != EINTR) throw SystemError("aet::Loop: poll", error);
     for (pollfd& p : fds) p.revents = 0;  // a signal: no readiness, timers may be due
   }
   process(fds.data(), fds.size());
@@ -3013,6 +3025,10 @@ class OwnedFd {
  private:
   int fd_ = -1;
 };
+
+// The server whose run() is active in this process: where its signal
+// handlers write. A forked child clears it (the server is its parent's).
+inline std::atomic<ServerState*> running_server{nullptr};
 
 inline std::string errno_text(int error) { return std::strerror(error); }
 
@@ -3631,6 +3647,7 @@ class Worker {
 [[noreturn]] inline void become_worker(const ServerOptions& options, int conn) noexcept {
   try {
     reset_signal_dispositions();
+    running_server.store(nullptr);
     install_handler(SIGTERM, on_worker_stop_signal, SA_RESTART);
     install_handler(SIGINT, on_worker_stop_signal, SA_RESTART);
     if (options.hung_worker_timeout > 0) install_handler(SIGALRM, on_hung_worker, 0);
@@ -3688,9 +3705,6 @@ struct ServerState {
 };
 
 namespace server_internals {
-
-// The server whose run() is active: where the signal handlers write.
-inline std::atomic<ServerState*> running_server{nullptr};
 
 inline void on_server_stop_signal(int) {
   int saved = errno;
@@ -4028,6 +4042,7 @@ inline TaskServer fork_task_server(ServerOptions options) {
       // The server process: never returns into the caller.
       try {
         si::reset_signal_dispositions();
+        si::running_server.store(nullptr);
         si::unblock_all_signals();
 #ifdef __linux__
         prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0);

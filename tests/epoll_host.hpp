@@ -58,7 +58,11 @@ class EpollHost : public aet::EventHost {
     if (it == ios_.end()) return;
     const int fd = it->second.fd;
     ios_.erase(it);
-    sync_fd(fd);
+    try {
+      sync_fd(fd);
+    } catch (const std::system_error&) {
+      // The fd was closed before this watcher went: epoll has dropped it.
+    }
   }
   Id start_timer(double after, double repeat, TimerCallback callback) override {
     const Id id = next_id_++;

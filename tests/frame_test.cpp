@@ -12,24 +12,9 @@
 
 #include "anyevent_task.hpp"
 
-// Counts operator new calls, to check that calling a framed callable does
-// not allocate and that wrapping costs one allocation.
-namespace {
-std::atomic<long> allocations{0};
-}
+#include "allocation_counter.hpp"
 
-void* operator new(std::size_t size) {
-  ++allocations;
-  if (void* p = std::malloc(size ? size : 1)) return p;
-  throw std::bad_alloc();
-}
-void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
-  ++allocations;
-  return std::malloc(size ? size : 1);
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+using aet_test::allocations;
 
 namespace {
 

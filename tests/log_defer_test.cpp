@@ -18,24 +18,9 @@
 #include "anyevent_task.hpp"
 #include "test_support.hpp"
 
-// Counts operator new calls, to check that filtered-out logging and the log
-// to nowhere do not allocate.
-namespace {
-std::atomic<long> allocations{0};
-}
+#include "allocation_counter.hpp"
 
-void* operator new(std::size_t size) {
-  ++allocations;
-  if (void* p = std::malloc(size ? size : 1)) return p;
-  throw std::bad_alloc();
-}
-void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
-  ++allocations;
-  return std::malloc(size ? size : 1);
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+using aet_test::allocations;
 
 namespace {
 

@@ -194,6 +194,16 @@ aet::Methods test_methods() {
          sigprocmask(SIG_BLOCK, &term, nullptr);
          return Json("blocked");
        }},
+      {"big", [](const Json&) { return Json(std::string(16 << 20, 'x')); }},
+      {"run_inner_server",
+       [](const Json& args) {
+         aet::ServerOptions inner;
+         inner.listen = args[0].as_string();
+         aet::Server server(inner);
+         server.stop();
+         server.run();
+         return Json("ran");
+       }},
       {"setup_attempts", [](const Json&) { return Json(setup_attempts); }},
       {"checkouts_done", [](const Json&) { return Json(checkouts_done); }},
       {"log",
@@ -480,14 +490,14 @@ TEST_CASE("a handler that blocks every signal and spins is killed after hung_wor
 TEST_CASE("requests shorter than hung_worker_timeout never trip it, however many") {
   TempDir dir;
   aet::ServerOptions options = options_for(dir.unix_address());
-  options.hung_worker_timeout = 0.2;
+  options.hung_worker_timeout = 0.3;
   auto server = aet::fork_task_server(options);
   Wire wire(server.address());
   Json pid = wire.result(args({"pid"}));
   const double start = monotonic_now();
-  while (monotonic_now() - start < 0.5) CHECK(wire.result(args({"sleep", 0.02})) == "slept");
+  while (monotonic_now() - start < 0.7) CHECK(wire.result(args({"sleep", 0.02})) == "slept");
   // Idle for longer than the timeout: the timer is disarmed between requests.
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));
   CHECK(wire.result(args({"pid"})) == pid);
 }
 
@@ -533,6 +543,16 @@ TEST_CASE("a worker holds only descriptors 0, 1, 2 and its connection") {
   CHECK(numbers.count(1) == 1);
   CHECK(numbers.count(2) == 1);
   CHECK(sockets == 1);
+}
+
+TEST_CASE("with descriptor 0 closed, the server puts /dev/null there, not a socket of its own") {
+  TempDir dir;
+  int status = exit_status_of_child([&] {
+    ::close(0);
+    aet::Server server(options_for(dir.unix_address()));
+    return proc_fd_target("0") == "/dev/null" ? 0 : 1;
+  });
+  CHECK(status == 0);
 }
 
 TEST_CASE("a hundred concurrent connections get a hundred workers, all reaped after") {
@@ -725,7 +745,7 @@ TEST_CASE("the socket file is removed when the server goes") {
 
 // ---- stopping ----
 
-TEST_CASE("stop() before run() makes run() return at once, with signal dispositions restored") {
+TEST_CASE("stop() before run() makes run() return at once, with signal dispositions restored; run() runs once") {
   TempDir dir;
   const std::string path = dir.file("s.sock");
   int status = exit_status_of_child([&] {
@@ -742,6 +762,11 @@ TEST_CASE("stop() before run() makes run() return at once, with signal dispositi
     sigaction(SIGCHLD, nullptr, &now);
     if (now.sa_handler != SIG_DFL) return 3;
     if (path_exists(path)) return 4;
+    try {
+      server.run();
+      return 5;
+    } catch (const aet::ServerError&) {
+    }
     return 0;
   });
   CHECK(status == 0);
@@ -782,6 +807,25 @@ TEST_CASE("SIGTERM stops accepting, removes the socket file and lets a busy work
   CHECK(eventually([&] { return !aet_test::process_alive(server.pid()); }, 5));
 }
 
+TEST_CASE("a stopping server kills a worker still busy after hung_worker_timeout") {
+  TempDir dir;
+  aet::ServerOptions options = options_for(dir.unix_address());
+  options.hung_worker_timeout = 0.3;
+  StderrCapture stderr_capture;
+  auto server = stderr_capture.redirect([&] { return aet::fork_task_server(options); });
+  // The reply is far larger than the socket buffers and this client never
+  // reads it: the worker stays blocked in send(), past its request timer.
+  Wire stuck(server.address());
+  stuck.send(Json::array({"do", Json::object(), "big"}));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  const double start = monotonic_now();
+  REQUIRE(::kill(server.pid(), SIGTERM) == 0);
+  CHECK(eventually([&] { return !aet_test::process_alive(server.pid()); }, 5));
+  CHECK(monotonic_now() - start < 2);
+  CHECK(stderr_capture.wait_for("still busy, killing it"));
+  CHECK(stderr_capture.wait_for("killed by signal 9"));
+}
+
 TEST_CASE("SIGTERM to a worker: idle it exits, busy it replies first") {
   TempDir dir;
   auto server = aet::fork_task_server(options_for(dir.unix_address()));
@@ -808,6 +852,14 @@ TEST_CASE("an idle worker exits on SIGTERM even after its handler blocked SIGTER
   CHECK(wire.result(args({"block_sigterm"})) == "blocked");
   ::kill(pid, SIGTERM);
   CHECK(wire.closes_within(2));
+}
+
+TEST_CASE("a worker can run a server of its own") {
+  TempDir dir;
+  auto server = aet::fork_task_server(options_for(dir.unix_address()));
+  Wire wire(server.address());
+  CHECK(wire.result(args({"run_inner_server", dir.unix_address("inner.sock")})) == "ran");
+  CHECK(wire.result(args({"echo", 1})) == Json::array({1}));
 }
 
 TEST_CASE("a fork_task_server ends when its handle is dropped") {
@@ -837,6 +889,15 @@ TEST_CASE("a moved TaskServer keeps its server; the moved-from handle does nothi
   CHECK(wire.result(args({"echo", 1})) == Json::array({1}));
   second.stop();
   CHECK_FALSE(aet_test::process_alive(pid));
+
+  aet::TaskServer later;  // empty until assigned
+  CHECK(later.pid() == -1);
+  later = aet::fork_task_server(options_for(dir.unix_address()));
+  Wire again(later.address());
+  CHECK(again.result(args({"echo", 2})) == Json::array({2}));
+  pid_t later_pid = later.pid();
+  later = aet::TaskServer();  // assigning stops the server it held
+  CHECK_FALSE(aet_test::process_alive(later_pid));
 }
 
 TEST_CASE("a fork_task_server ends when the process that made it dies") {
