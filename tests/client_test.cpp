@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "anyevent_task.hpp"
+#include "epoll_host.hpp"
 #include "test_support.hpp"
 
 using aet::Json;
@@ -895,4 +896,34 @@ TEST_CASE("an empty Checkout handle throws") {
   aet::Checkout empty;
   REQUIRE_FALSE(empty);
   REQUIRE_THROWS_AS(empty.call("x", {}, [](aet::Checkout&, Json) {}), aet::Error);
+}
+
+TEST_CASE("a client hosted on the epoll adapter serves calls, timeouts and a restart") {
+  Rig rig;
+  aet_test::EpollHost host;
+  aet::ClientOptions co = rig.client_options();
+  co.timeout = 0.3;
+  aet::Client client(host, co);
+  Caught caught;
+  // No server yet: a timeout, from an epoll timer.
+  aet::frame_try([&] { client.checkout().call("pid", {}, [](aet::Checkout&, Json) {}); }, catch_into(caught));
+  REQUIRE(run_until(host, [&] { return caught.count > 0; }));
+  REQUIRE(caught.what == "timed out after 0.3 seconds");
+  // The server comes up: the connect retries find it.
+  aet::TaskServer server = rig.start();
+  std::optional<Json> result;
+  aet::frame_try(
+      [&] {
+        aet::CheckoutOptions options;
+        options.timeout = 10;
+        aet::Checkout c = client.checkout(options);
+        c.call("echo", {"via epoll"}, [&](aet::Checkout& again, Json) {
+          again({"echo", "nested"}, [&](aet::Checkout&, Json r) { result = r; });
+        });
+      },
+      catch_into(caught));
+  REQUIRE(run_until(host, [&] { return result.has_value() || caught.count > 1; }));
+  REQUIRE(caught.count == 1);
+  REQUIRE(*result == Json{"nested"});
+  REQUIRE(run_until(host, [&] { return client.idle_worker_count() == 2; }));
 }
