@@ -1269,9 +1269,11 @@ class OverloadError : public Error {
 
 constexpr double forever = -1;  // a timeout that never expires (any negative value)
 
+// Every member has a default, so `{"unix:/path"}` and designated
+// initialisers compile warning-free under -Wextra.
 struct ClientOptions {
-  std::string connect;                  // as ServerOptions::listen
-  std::string name;                     // in frame names; empty: the connect string
+  std::string connect{};                // as ServerOptions::listen
+  std::string name{};                   // in frame names; empty: the connect string
   unsigned min_workers = 2;             // kept connected; capped at max_workers
   unsigned max_workers = 20;            // connected or connecting, at most
   // Seconds each call may take, counted from when it is queued (or, behind
@@ -1281,13 +1283,13 @@ struct ClientOptions {
   double timeout = 30;
   unsigned max_checkouts = 0;           // checkouts a worker serves; 0: unlimited
   bool dont_refork_after_error = false;  // keep a worker whose checkout got an error reply
-  std::size_t max_frame = default_max_frame;  // largest reply accepted
+  std::size_t max_frame = default_max_frame;  // largest request sent and reply accepted
   std::size_t max_pending_checkouts = 0;  // checkouts not yet served; 0: unlimited
 };
 
 struct CheckoutOptions {
-  std::optional<double> timeout;        // default: the client's
-  std::optional<LogDefer> log_defer;    // calls are timed and worker logs merged here
+  std::optional<double> timeout{};      // default: the client's
+  std::optional<LogDefer> log_defer{};  // calls are timed and worker logs merged here
 };
 
 namespace detail {
@@ -1323,7 +1325,9 @@ class Checkout {
   Checkout() = default;  // an empty handle; calls on it throw aet::Error
 
   // Queues a method call: sends ["do", {}, method, args...]. `args` is the
-  // array of arguments (null: none; any other value: one argument).
+  // array of arguments (null: none; any other value: one argument). Throws
+  // JsonError for arguments JSON cannot carry and ProtocolError for a
+  // request larger than ClientOptions::max_frame; nothing is queued then.
   template <class F>
   void call(std::string method, Json args, F callback, const char* file = __builtin_FILE(),
             int line = __builtin_LINE());
@@ -5371,13 +5375,12 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       worker->checkout = nullptr;
       bool reuse = !worker->broken && !(core->had_error && !options.dont_refork_after_error);
       if (reuse) {
-        ++worker->served;
-        if (options.max_checkouts != 0 && worker->served >= options.max_checkouts) reuse = false;
-      }
-      if (reuse) {
+        // A normal release: "dn" even when the worker retires now, so that
+        // checkout_done runs for every checkout released normally.
         std::string frame = done_frame;
         send(*worker, frame);
-        reuse = !worker->broken;
+        ++worker->served;
+        reuse = !worker->broken && !(options.max_checkouts != 0 && worker->served >= options.max_checkouts);
       }
       if (reuse) {
         idle.push_back(worker);
@@ -5491,6 +5494,10 @@ inline void Checkout::enqueue(std::optional<std::string> method, Json args, Call
   std::shared_ptr<detail::CheckoutCore> core = detail::live_core(state_);
   std::shared_ptr<detail::ClientState> client = core->client->shared_from_this();
   std::string frame = detail::encode_call(method, std::move(args));
+  // The worker would refuse it and exit: say so here, where it can be fixed.
+  if (frame.size() - 4 > client->options.max_frame)
+    throw ProtocolError("request of " + std::to_string(frame.size() - 4) + " bytes exceeds the limit of " +
+                        std::to_string(client->options.max_frame));
   client->queue_call(core, detail::ClientCall{std::move(method), std::move(frame), std::move(callback),
                                               std::move(context)});
 }
