@@ -44,6 +44,7 @@ aet::Methods standard_methods() {
          return ::getpid();
        }},
       {"exit", [](const Json&) -> Json { ::_exit(3); }},
+      {"big", [](const Json& args) -> Json { return std::string(static_cast<std::size_t>(args[0].as_int()), 'y'); }},
   };
 }
 
@@ -922,8 +923,7 @@ TEST_CASE("a reply above max_frame is a protocol error on that checkout") {
   aet::Client client(loop, co);
   Caught caught;
   aet::Checkout c = client.checkout();
-  aet::frame_try([&] { c.call("echo", {std::string(5000, 'y')}, [](aet::Checkout&, Json) {}); },
-                 catch_into(caught));
+  aet::frame_try([&] { c.call("big", {5000}, [](aet::Checkout&, Json) {}); }, catch_into(caught));
   REQUIRE(run_until(loop, [&] { return caught.count > 0; }));
   INFO(caught.what);
   REQUIRE(caught.what.rfind("protocol error: ", 0) == 0);
