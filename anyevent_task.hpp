@@ -249,6 +249,8 @@ struct JsonString {
   std::string text;
   JsonChunk* chunk;
 };
+
+// The representation of a double or a pointer as the 64-bit payload.
 inline std::uint64_t double_bits(double d) noexcept {
   std::uint64_t bits;
   std::memcpy(&bits, &d, sizeof bits);
@@ -617,6 +619,12 @@ class JsonVector {
 //   unique: parse() and object() reject a duplicate key.
 // - Copies, comparison, dump() and destruction recurse: values built by
 //   parse() are bounded by max_depth, values built by hand are up to you.
+// - Memory: parse() carves a document's arrays, objects and strings from a
+//   few shared slabs, freed when their last value goes. A value kept from a
+//   large parsed document keeps its slab (up to 64 KiB) alive; copy it,
+//   Json(v), to hold only its own memory. Values are independent: two of
+//   them may be used and destroyed in different threads, wherever they came
+//   from (one value is not for concurrent use, as with any type).
 class Json {
  public:
   enum class Type : std::uint8_t { Null, Bool, Int, Double, String, Array, Object };
