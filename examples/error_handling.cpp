@@ -72,22 +72,22 @@ int main() {
   };
 
   for (std::string method : {"flaky", "broken"}) {
-    std::string id = "req-" + method;
-    // The top-level bail-out handler for this request.
-    aet::frame_try(
-        [&] {
-          request_id.bind(id, [&] {
+    // The request id is bound outermost, so that even the bail-out handler
+    // (which runs in the frame around its own) logs with it.
+    request_id.bind("req-" + method, [&] {
+      aet::frame_try(
+          [&] {
             log_line("calling " + method);
             attempt(method, 1);
-          });
-        },
-        [&](const std::exception& e, const std::string& trace) {
-          log_line(std::string("bail out: ") + e.what());
-          std::printf("trace:\n%s\n", trace.c_str());
-          ++bailed_out;
-          request_finished();
-        },
-        "request " + id);
+          },
+          [&](const std::exception& e, const std::string& trace) {
+            log_line(std::string("bail out: ") + e.what());
+            std::printf("trace:\n%s\n", trace.c_str());
+            ++bailed_out;
+            request_finished();
+          },
+          "request req-" + method);
+    });
   }
   log_line("both requests started");
 

@@ -44,6 +44,7 @@ aet::Methods standard_methods() {
          return ::getpid();
        }},
       {"exit", [](const Json&) -> Json { ::_exit(3); }},
+      {"big", [](const Json& args) -> Json { return std::string(static_cast<std::size_t>(args[0].as_int()), 'y'); }},
   };
 }
 
@@ -378,6 +379,60 @@ TEST_CASE("a worker serves at most max_checkouts checkouts, then a new one takes
   REQUIRE(pids[2] == pids[3]);
   REQUIRE(pids[4] != pids[3]);
   REQUIRE(pids[4] != pids[1]);
+}
+
+TEST_CASE("a worker retiring at max_checkouts still runs checkout_done for its last checkout") {
+  Rig rig;
+  std::string journal = rig.dir.file("done.log");
+  aet::ServerOptions so = rig.server_options();
+  so.checkout_done = [journal] { std::ofstream(journal, std::ios::app) << ::getpid() << "\n"; };
+  aet::TaskServer server = aet::fork_task_server(so);
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  co.max_workers = 1;
+  co.max_checkouts = 1;
+  aet::Client client(loop, co);
+  std::vector<std::int64_t> pids;
+  Caught caught;
+  aet::frame_try(
+      [&] {
+        for (int i = 0; i < 2; ++i)
+          client.checkout().call("pid", {}, [&](aet::Checkout&, Json p) { pids.push_back(pid_of(p)); });
+      },
+      catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return pids.size() == 2 || caught.count > 0; }));
+  REQUIRE(caught.count == 0);
+  REQUIRE(pids[0] != pids[1]);
+  auto journal_lines = [&] {
+    std::ifstream in(journal);
+    std::vector<std::int64_t> lines;
+    for (std::int64_t pid; in >> pid;) lines.push_back(pid);
+    return lines;
+  };
+  REQUIRE(aet_test::eventually([&] { return journal_lines().size() == 2; }, 10));
+  REQUIRE(journal_lines() == pids);
+}
+
+TEST_CASE("a request larger than max_frame is refused in call() and the checkout goes on") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  co.max_frame = 1000;
+  aet::Client client(loop, co);
+  aet::Checkout checkout = client.checkout();
+  Json echoed;
+  Caught caught;
+  aet::frame_try(
+      [&] {
+        REQUIRE_THROWS_WITH(checkout.call("echo", {std::string(2000, 'x')}, [](aet::Checkout&, Json) {}),
+                            Catch::Contains("exceeds the limit of 1000"));
+        checkout.call("echo", {"small"}, [&](aet::Checkout&, Json r) { echoed = r; });
+      },
+      catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return !echoed.is_null() || caught.count > 0; }));
+  REQUIRE(caught.count == 0);
+  REQUIRE(echoed == Json::array({"small"}));
 }
 
 TEST_CASE("with one worker, nested calls and new checkouts are served in exactly FIFO order") {
@@ -868,8 +923,7 @@ TEST_CASE("a reply above max_frame is a protocol error on that checkout") {
   aet::Client client(loop, co);
   Caught caught;
   aet::Checkout c = client.checkout();
-  aet::frame_try([&] { c.call("echo", {std::string(5000, 'y')}, [](aet::Checkout&, Json) {}); },
-                 catch_into(caught));
+  aet::frame_try([&] { c.call("big", {5000}, [](aet::Checkout&, Json) {}); }, catch_into(caught));
   REQUIRE(run_until(loop, [&] { return caught.count > 0; }));
   INFO(caught.what);
   REQUIRE(caught.what.rfind("protocol error: ", 0) == 0);
