@@ -1293,14 +1293,15 @@ struct ClientOptions {
   // the checkout fails with TimeoutError. aet::forever: no limit.
   double timeout = 30;
   unsigned max_checkouts = 0;           // checkouts a worker serves; 0: unlimited
-  // Spreads the recycling of workers started together: each worker's own
-  // limit is drawn uniformly from the integers in [max_checkouts * (1 - j),
-  // max_checkouts * (1 + j)], at least 1. From 0 (every worker serves
-  // exactly max_checkouts) to 1.
-  double max_checkouts_jitter = 0;
   bool dont_refork_after_error = false;  // keep a worker whose checkout got an error reply
   std::size_t max_frame = default_max_frame;  // largest request sent and reply accepted
   std::size_t max_pending_checkouts = 0;  // checkouts not yet served; 0: unlimited
+  // Spreads the recycling of workers started together: each worker's own
+  // max_checkouts is drawn uniformly from the integers in
+  // [max_checkouts * (1 - j), max_checkouts * (1 + j)], at least 1. From 0
+  // (every worker serves exactly max_checkouts) to 1. Last, so that
+  // positional initialisers written before it existed keep their meaning.
+  double max_checkouts_jitter = 0;
 };
 
 struct CheckoutOptions {
