@@ -80,6 +80,7 @@
 #include <memory>
 #include <new>
 #include <optional>
+#include <random>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -1282,6 +1283,11 @@ struct ClientOptions {
   // the checkout fails with TimeoutError. aet::forever: no limit.
   double timeout = 30;
   unsigned max_checkouts = 0;           // checkouts a worker serves; 0: unlimited
+  // Spreads the recycling of workers started together: each worker's own
+  // limit is drawn uniformly from the integers in [max_checkouts * (1 - j),
+  // max_checkouts * (1 + j)], at least 1. From 0 (every worker serves
+  // exactly max_checkouts) to 1.
+  double max_checkouts_jitter = 0;
   bool dont_refork_after_error = false;  // keep a worker whose checkout got an error reply
   std::size_t max_frame = default_max_frame;  // largest request sent and reply accepted
   std::size_t max_pending_checkouts = 0;  // checkouts not yet served; 0: unlimited
@@ -4058,99 +4064,31 @@ inline std::string ascii_only(std::string text) {
   return text;
 }
 
-// One worker: serves the connection `conn` until EOF, then _exit(0).
-class Worker {
+// What a worker does with the messages of its connection, apart from the
+// socket: runs setup, the interface and checkout_done, and builds the
+// replies. The worker's loop and fuzz/worker_fuzz.cpp both go through
+// handle(), so the fuzzer exercises the code that serves requests.
+class WorkerRequests {
  public:
-  Worker(const ServerOptions& options, int conn)
-      : options_(options), conn_(conn), decoder_(options.max_frame) {
-    prefix_ = "aet-worker:" + options_.name + "[" + std::to_string(::getpid()) + "]: ";
-    if (options_.hung_worker_timeout > 0) {
-      std::string line = prefix_ + "hung_worker_timeout of " +
-                         format_seconds(options_.hung_worker_timeout) + " s exceeded, exiting\n";
-      hung_message_size = std::min(line.size(), sizeof hung_message);
-      std::memcpy(hung_message, line.data(), hung_message_size);
-      try {
-        timer_.emplace(options_.hung_worker_timeout);
-      } catch (const std::exception& e) {
-        log_line(prefix_ + "no hung_worker_timeout: " + e.what());
-      }
-    }
-  }
+  // `timer` (may be null) is armed around each request.
+  WorkerRequests(const ServerOptions& options, std::string log_prefix, HungTimer* timer)
+      : options_(options), prefix_(std::move(log_prefix)), timer_(timer) {}
 
-  [[noreturn]] void serve_forever() {
-    sigset_t stop_signals;
-    sigemptyset(&stop_signals);
-    sigaddset(&stop_signals, SIGTERM);
-    sigaddset(&stop_signals, SIGINT);
-    std::vector<char> buffer(64 * 1024);
-    for (;;) {
-      for (;;) {
-        std::optional<Json> message;
-        try {
-          message = decoder_.next();
-        } catch (const std::exception& e) {
-          protocol_error(e.what());
-        }
-        if (!message) break;
-        serve(*message);
-        if (worker_stop_requested) ::_exit(0);
-      }
-      // The stop signals are let in only inside ppoll(), atomically: a
-      // SIGTERM cannot slip in between the check and the wait. They are let
-      // in even if a handler blocked them: the worker owns them.
-      sigset_t previous;
-      sigprocmask(SIG_BLOCK, &stop_signals, &previous);
-      if (worker_stop_requested) ::_exit(0);
-      sigset_t waiting = previous;
-      sigdelset(&waiting, SIGTERM);
-      sigdelset(&waiting, SIGINT);
-      pollfd readable{conn_, POLLIN, 0};
-      int ready = ::ppoll(&readable, 1, nullptr, &waiting);
-      int error = errno;
-      sigprocmask(SIG_SETMASK, &previous, nullptr);
-      if (ready < 0) {
-        if (error == EINTR || error == EAGAIN) continue;
-        fail("poll: " + errno_text(error));
-      }
-      ssize_t n = ::read(conn_, buffer.data(), buffer.size());
-      if (n == 0) ::_exit(0);
-      if (n < 0) {
-        error = errno;
-        if (error == EINTR || error == EAGAIN) continue;
-        if (error == ECONNRESET) ::_exit(0);
-        fail("read: " + errno_text(error));
-      }
-      try {
-        decoder_.feed(buffer.data(), static_cast<std::size_t>(n));
-      } catch (const std::exception& e) {
-        protocol_error(e.what());
-      }
+  // One decoded message: the reply frame for a "do", an empty string for a
+  // "dn" (nothing to send). ProtocolError for what a client must not send.
+  std::string handle(Json& message) {
+    if (!message.is_array() || message.size() < 2 || !message[0].is_string())
+      throw ProtocolError("malformed message");
+    const std::string& command = message[0].as_string();
+    if (command == "do") return request(message);
+    if (command == "dn") {
+      checkout_done();
+      return {};
     }
+    throw ProtocolError("unexpected \"" + command + "\" message from the client");
   }
 
  private:
-  [[noreturn]] void protocol_error(const std::string& what) {
-    log_line(prefix_ + "protocol error: " + what);
-    ::_exit(1);
-  }
-  [[noreturn]] void fail(const std::string& what) {
-    log_line(prefix_ + what);
-    ::_exit(1);
-  }
-
-  void serve(Json& message) {
-    if (!message.is_array() || message.size() < 2 || !message[0].is_string())
-      protocol_error("malformed message");
-    const std::string& command = message[0].as_string();
-    if (command == "do") {
-      request(message);
-    } else if (command == "dn") {
-      checkout_done();
-    } else {
-      protocol_error("unexpected \"" + command + "\" message from the client");
-    }
-  }
-
   void checkout_done() {
     if (!options_.checkout_done) return;
     try {
@@ -4162,7 +4100,7 @@ class Worker {
     }
   }
 
-  void request(Json& message) {
+  std::string request(Json& message) {
     Json::Array& parts = message.as_array();
     Json args(Json::Array(std::make_move_iterator(parts.begin() + 2),
                           std::make_move_iterator(parts.end())));
@@ -4202,7 +4140,7 @@ class Worker {
     } catch (const std::exception& e) {
       log_line(prefix_ + "cannot finish the request log: " + e.what());
     }
-    reply(ok, std::move(log), std::move(result), std::move(error));
+    return reply(ok, std::move(log), std::move(result), std::move(error));
   }
 
   Json call(Json args) {
@@ -4222,9 +4160,10 @@ class Worker {
     return std::get<CatchAll>(options_.interface)(args);
   }
 
-  // Sends ["ok", meta, result] or ["er", meta, error]. What JSON cannot
-  // carry becomes an error reply; a log that cannot be sent is dropped.
-  void reply(bool ok, Json log, Json result, std::string error) {
+  // The frame of ["ok", meta, result] or ["er", meta, error]. What JSON
+  // cannot carry becomes an error reply; a log that cannot be sent is
+  // dropped.
+  std::string reply(bool ok, Json log, Json result, std::string error) {
     Json meta = Json::object();
     if (!log.is_null()) meta["ld"] = std::move(log);
     Json message = Json::array();
@@ -4235,9 +4174,8 @@ class Worker {
     } else {
       message.push_back(error);
     }
-    std::string frame;
     try {
-      frame = encode_frame(message);
+      return encode_frame(message);
     } catch (const std::exception& e) {
       Json& sent_meta = message[1];
       if (sent_meta.contains("ld")) {
@@ -4252,12 +4190,118 @@ class Worker {
       message[0] = "er";
       message[2] = error;
       try {
-        frame = encode_frame(message);
+        return encode_frame(message);
       } catch (const std::exception&) {
-        frame = encode_frame(Json{"er", Json::object(), ascii_only(error)});
+        return encode_frame(Json{"er", Json::object(), ascii_only(error)});
       }
     }
-    send_all(frame);
+  }
+
+  const ServerOptions& options_;
+  std::string prefix_;
+  HungTimer* timer_;
+  bool setup_done_ = false;
+};
+
+// One worker: serves the connection `conn` until EOF, then _exit(0).
+class Worker {
+ public:
+  Worker(const ServerOptions& options, int conn)
+      : options_(options),
+        conn_(conn),
+        decoder_(options.max_frame),
+        prefix_("aet-worker:" + options_.name + "[" + std::to_string(::getpid()) + "]: ") {
+    if (options_.hung_worker_timeout > 0) {
+      std::string line = prefix_ + "hung_worker_timeout of " +
+                         format_seconds(options_.hung_worker_timeout) + " s exceeded, exiting\n";
+      hung_message_size = std::min(line.size(), sizeof hung_message);
+      std::memcpy(hung_message, line.data(), hung_message_size);
+      try {
+        timer_.emplace(options_.hung_worker_timeout);
+      } catch (const std::exception& e) {
+        log_line(prefix_ + "no hung_worker_timeout: " + e.what());
+      }
+    }
+    requests_.emplace(options_, prefix_, timer_ ? &*timer_ : nullptr);
+  }
+
+  [[noreturn]] void serve_forever() {
+    sigset_t stop_signals;
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGTERM);
+    sigaddset(&stop_signals, SIGINT);
+    std::vector<char> buffer(64 * 1024);
+    for (;;) {
+      for (;;) {
+        std::optional<Json> message;
+        std::string reply;
+        try {
+          message = decoder_.next();
+          if (!message) break;
+          reply = requests_->handle(*message);
+        } catch (const ProtocolError& e) {
+          protocol_error(e.what());
+        }
+        if (!reply.empty()) send_all(reply);
+        if (worker_stop_requested) exit_for_stop();
+      }
+      // The stop signals are let in only inside ppoll(), atomically: a
+      // SIGTERM cannot slip in between the check and the wait. They are let
+      // in even if a handler blocked them: the worker owns them.
+      sigset_t previous;
+      sigprocmask(SIG_BLOCK, &stop_signals, &previous);
+      if (worker_stop_requested) exit_for_stop();
+      sigset_t waiting = previous;
+      sigdelset(&waiting, SIGTERM);
+      sigdelset(&waiting, SIGINT);
+      pollfd readable{conn_, POLLIN, 0};
+      int ready = ::ppoll(&readable, 1, nullptr, &waiting);
+      int error = errno;
+      sigprocmask(SIG_SETMASK, &previous, nullptr);
+      if (ready < 0) {
+        if (error == EINTR || error == EAGAIN) continue;
+        fail("poll: " + errno_text(error));
+      }
+      ssize_t n = ::read(conn_, buffer.data(), buffer.size());
+      if (n == 0) ::_exit(0);
+      if (n < 0) {
+        error = errno;
+        if (error == EINTR || error == EAGAIN) continue;
+        if (error == ECONNRESET) ::_exit(0);
+        fail("read: " + errno_text(error));
+      }
+      try {
+        decoder_.feed(buffer.data(), static_cast<std::size_t>(n));
+      } catch (const std::exception& e) {
+        protocol_error(e.what());
+      }
+    }
+  }
+
+ private:
+  [[noreturn]] void protocol_error(const std::string& what) {
+    log_line(prefix_ + "protocol error: " + what);
+    ::_exit(1);
+  }
+  // Exits for SIGTERM/SIGINT with a clean end of stream. Closing with input
+  // unread (a request that came too late, the "dn" after a last reply)
+  // would make TCP reset the connection, which may discard a reply still in
+  // flight: the end is sent first, then what has arrived is read and
+  // dropped (a bounded amount: a client that keeps sending cannot hold the
+  // worker).
+  [[noreturn]] void exit_for_stop() {
+    ::shutdown(conn_, SHUT_WR);
+    char scrap[4096];
+    for (int round = 0; round < 256; ++round) {
+      ssize_t n = ::recv(conn_, scrap, sizeof scrap, MSG_DONTWAIT);
+      if (n > 0 || (n < 0 && errno == EINTR)) continue;
+      break;
+    }
+    ::_exit(0);
+  }
+  [[noreturn]] void fail(const std::string& what) {
+    log_line(prefix_ + what);
+    ::_exit(1);
   }
 
   void send_all(const std::string& bytes) {
@@ -4280,8 +4324,8 @@ class Worker {
   int conn_;
   FrameDecoder decoder_;
   std::string prefix_;
-  bool setup_done_ = false;
   std::optional<HungTimer> timer_;
+  std::optional<WorkerRequests> requests_;  // after timer_, which it points to
 };
 
 // The freshly forked child of the master: becomes a worker for `conn`.
@@ -4799,6 +4843,24 @@ using CallQueue = std::list<ClientCall>;
 
 struct CheckoutCore;
 
+// A worker's own max_checkouts (see ClientOptions::max_checkouts_jitter):
+// uniform over the integers in [max * (1 - jitter), max * (1 + jitter)],
+// at least 1; 0 (unlimited) stays 0.
+inline unsigned draw_checkout_limit(unsigned max_checkouts, double jitter, std::minstd_rand& random) {
+  if (max_checkouts == 0 || !(jitter > 0)) return max_checkouts;
+  const double most = static_cast<double>(std::numeric_limits<unsigned>::max());
+  const double low = std::max(1.0, std::ceil(max_checkouts * (1 - jitter)));
+  const double high = std::min(most, std::max(low, std::floor(max_checkouts * (1 + jitter))));
+  std::uniform_int_distribution<unsigned> pick(static_cast<unsigned>(low), static_cast<unsigned>(high));
+  return pick(random);
+}
+
+inline std::minstd_rand::result_type random_seed(const void* salt) {
+  const auto now = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+  const auto mixed = now ^ static_cast<std::uint64_t>(::getpid()) << 32 ^ reinterpret_cast<std::uintptr_t>(salt);
+  return static_cast<std::minstd_rand::result_type>(mixed % 2147483646u + 1);  // never 0
+}
+
 // One connection to the server, that is one worker process.
 struct ClientWorker {
   explicit ClientWorker(std::size_t max_frame) : decoder(max_frame) {}
@@ -4824,6 +4886,7 @@ struct ClientWorker {
   FrameDecoder decoder;
   CheckoutCore* checkout = nullptr;  // the checkout holding it, if any
   unsigned served = 0;               // checkouts released cleanly
+  unsigned checkout_limit = 0;       // its own max_checkouts; 0: unlimited
   std::list<std::shared_ptr<ClientWorker>>::iterator position;  // in ClientState::workers
 };
 
@@ -4875,7 +4938,12 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
         name(options.name.empty() ? options.connect : options.name),
         address(resolve_client_address(options.connect)),
         done_frame(encode_frame(Json{"dn", Json::object()})),
-        read_buffer(64 * 1024) {}
+        read_buffer(64 * 1024),
+        random(random_seed(this)) {
+    const double jitter = options.max_checkouts_jitter;
+    if (!(jitter >= 0 && jitter <= 1))
+      throw Error("aet::Client: max_checkouts_jitter must be from 0 to 1");
+  }
   ClientState(const ClientState&) = delete;
   ClientState& operator=(const ClientState&) = delete;
   ~ClientState() { shutdown(); }
@@ -4886,6 +4954,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   ClientAddress address;
   std::string done_frame;
   std::vector<char> read_buffer;  // shared by every worker: reads never overlap
+  std::minstd_rand random;        // draws each worker's checkout limit
   bool closed = false;
   std::list<std::shared_ptr<ClientWorker>> workers;  // connected or connecting
   std::size_t connecting = 0;
@@ -4982,6 +5051,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   // -1: failed at once; 0: connecting; 1: connected and idle.
   int connect_worker() {
     auto worker = std::make_shared<ClientWorker>(options.max_frame);
+    worker->checkout_limit = draw_checkout_limit(options.max_checkouts, options.max_checkouts_jitter, random);
     const int fd = ::socket(address.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) return -1;
     worker->fd = fd;
@@ -5380,7 +5450,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
         std::string frame = done_frame;
         send(*worker, frame);
         ++worker->served;
-        reuse = !worker->broken && !(options.max_checkouts != 0 && worker->served >= options.max_checkouts);
+        reuse = !worker->broken && !(worker->checkout_limit != 0 && worker->served >= worker->checkout_limit);
       }
       if (reuse) {
         idle.push_back(worker);
