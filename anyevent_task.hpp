@@ -284,6 +284,7 @@ class JsonParseError : public JsonError {
 
 namespace detail {
 class JsonParser;
+template <bool Pretty>
 class JsonWriter;
 
 // A slab the parser carves a document's containers and strings from, so a
@@ -305,6 +306,8 @@ struct JsonString {
   std::string text;
   JsonChunk* chunk;
 };
+
+// The representation of a double or a pointer as the 64-bit payload.
 inline std::uint64_t double_bits(double d) noexcept {
   std::uint64_t bits;
   std::memcpy(&bits, &d, sizeof bits);
@@ -673,6 +676,12 @@ class JsonVector {
 //   unique: parse() and object() reject a duplicate key.
 // - Copies, comparison, dump() and destruction recurse: values built by
 //   parse() are bounded by max_depth, values built by hand are up to you.
+// - Memory: parse() carves a document's arrays, objects and strings from a
+//   few shared slabs, freed when their last value goes. A value kept from a
+//   large parsed document keeps its slab (up to 64 KiB) alive; copy it,
+//   Json(v), to hold only its own memory. Values are independent: two of
+//   them may be used and destroyed in different threads, wherever they came
+//   from (one value is not for concurrent use, as with any type).
 class Json {
  public:
   enum class Type : std::uint8_t { Null, Bool, Int, Double, String, Array, Object };
@@ -764,6 +773,7 @@ class Json {
 
  private:
   friend class detail::JsonParser;
+  template <bool Pretty>
   friend class detail::JsonWriter;
   // The tag, and the payload it selects: the bits of a boolean, integer,
   // double or string pointer, or the one-pointer handle of an array or
@@ -1720,9 +1730,7 @@ inline constexpr JsonByteClasses json_byte_classes{};
 
 // True when one of the 8 bytes at p is '"', '\\', below 0x20 or above 0x7F.
 // Borrows only start at such a byte, so the answer for the word is exact.
-inline bool json_word_needs_attention(const char* p) noexcept {
-  std::uint64_t v;
-  std::memcpy(&v, p, sizeof v);
+inline bool json_word_needs_attention(std::uint64_t v) noexcept {
   constexpr std::uint64_t ones = 0x0101010101010101ull;
   const std::uint64_t t = ((v ^ (ones * 0x22)) - ones) | ((v ^ (ones * 0x5C)) - ones) |
                           (v - ones * 0x20) | v;
@@ -1731,7 +1739,10 @@ inline bool json_word_needs_attention(const char* p) noexcept {
 
 // The first byte at or after p that is not plain printable ASCII.
 inline const char* json_skip_plain(const char* p, const char* end) noexcept {
-  while (end - p >= 8 && !json_word_needs_attention(p)) p += 8;
+  for (std::uint64_t word; end - p >= 8; p += 8) {
+    std::memcpy(&word, p, 8);
+    if (json_word_needs_attention(word)) break;
+  }
   while (p < end && json_byte_classes.of[static_cast<unsigned char>(*p)] == json_plain) ++p;
   return p;
 }
@@ -1782,6 +1793,18 @@ inline std::size_t utf8_sequence_length(const char* p, const char* end, const ch
     }
   }
   return length;
+}
+
+// The length of the UTF-8 sequence at p when it is a plain two- or
+// three-byte one (most non-ASCII text); 0 sends the caller to the full
+// check above.
+inline std::size_t utf8_common_length(const char* p, const char* end) noexcept {
+  const auto* u = reinterpret_cast<const unsigned char*>(p);
+  const std::size_t available = static_cast<std::size_t>(end - p);
+  if (u[0] >= 0xC2 && u[0] <= 0xDF) return available >= 2 && (u[1] & 0xC0) == 0x80 ? 2 : 0;
+  if (u[0] >= 0xE1 && u[0] <= 0xEF && u[0] != 0xED)
+    return available >= 3 && (u[1] & 0xC0) == 0x80 && (u[2] & 0xC0) == 0x80 ? 3 : 0;
+  return 0;
 }
 
 inline void append_utf8(std::string& out, std::uint32_t cp) {
@@ -1835,12 +1858,33 @@ inline std::size_t find_duplicate_key(const std::pair<std::string, Json>* member
   throw JsonError("duplicate key \"" + key + "\" in object");
 }
 
+// The 8 digits of x < 10^8 (leading zeros included) as characters packed
+// into a word, the first digit in the lowest byte: it stays in a register.
+inline std::uint64_t eight_digits(std::uint32_t x) noexcept {
+  static constexpr char pairs[] =
+      "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+      "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+      "8081828384858687888990919293949596979899";
+  const std::uint32_t high = x / 10000, low = x % 10000;
+  std::uint16_t a, b, c, d;
+  std::memcpy(&a, pairs + 2 * (high / 100), 2);
+  std::memcpy(&b, pairs + 2 * (high % 100), 2);
+  std::memcpy(&c, pairs + 2 * (low / 100), 2);
+  std::memcpy(&d, pairs + 2 * (low % 100), 2);
+  return std::uint64_t{a} | std::uint64_t{b} << 16 | std::uint64_t{c} << 32 | std::uint64_t{d} << 48;
+}
+
 // The shortest text of a double that needs at most 15 significant digits
 // and lies in [1e-7, 1e15), written at o; nullptr for any other double
 // (then std::to_chars does it). Decimals of 15 digits lie farther apart
 // than doubles, so at most one of them reads back as d: if the nearest one
 // does, its digits without trailing zeros are the shortest round trip.
 inline char* format_short_double(char* o, double d) noexcept {
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+  (void)o;
+  (void)d;
+  return nullptr;  // the digit words below assume little endian: to_chars does it
+#else
   static constexpr double powers[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,  1e8,  1e9,  1e10, 1e11,
                                       1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
   if (d == 0) {
@@ -1865,38 +1909,56 @@ inline char* format_short_double(char* o, double d) noexcept {
   }
   std::uint64_t m = static_cast<std::uint64_t>(scaled + 0.5);
   if (m >= 1000000000000000u) return nullptr;
-  // Exact operands, one correctly rounded operation: the double nearest m / 10^p.
-  if (static_cast<double>(m) / powers[p] != a) return nullptr;
-  while (m % 10 == 0) {
-    m /= 10;
-    --p;
-  }
-  char digits[20];
-  const int n = static_cast<int>(std::to_chars(digits, digits + sizeof digits, m).ptr - digits);
+  // Does m / 10^p read back as a = M / 2^k? Exactly, in integers: it does
+  // when |m / 10^p - a| is below half the spacing of doubles at a, that is
+  // |m * 2^(k+1-p) - 2 * M * 5^p| < 5^p (half that below a power of two,
+  // where the spacing below is half). Ties go to the general path.
+  __extension__ typedef unsigned __int128 Wide;
+  static constexpr std::uint64_t powers_of_5[] = {1, 5, 25, 125, 625, 3125, 15625, 78125, 390625, 1953125,
+                                                  9765625, 48828125, 244140625, 1220703125, 6103515625,
+                                                  30517578125, 152587890625, 762939453125, 3814697265625,
+                                                  19073486328125, 95367431640625, 476837158203125,
+                                                  2384185791015625};
+  const std::uint64_t mantissa = (bits & ((std::uint64_t{1} << 52) - 1)) | std::uint64_t{1} << 52;
+  const int k = 1075 - static_cast<int>(bits >> 52);  // a = mantissa / 2^k
+  const int shift = k + 1 - p;
+  if (shift < 0 || shift > 76) return nullptr;
+  const Wide candidate = static_cast<Wide>(m) << shift;
+  const Wide target = static_cast<Wide>(2 * mantissa) * powers_of_5[p];
+  const Wide difference = candidate > target ? candidate - target : target - candidate;
+  const bool below_power_of_two = mantissa == std::uint64_t{1} << 52 && candidate < target;
+  if ((below_power_of_two ? 2 * difference : difference) >= powers_of_5[p]) return nullptr;
+  // All 16 digits of m (leading zeros included) in two independent halves,
+  // kept in registers: the zeros to drop are counted in the words, and the
+  // text is assembled by shifts and stored in whole words.
+  constexpr std::uint64_t zeros = 0x3030303030303030ull;  // "00000000"
+  const std::uint64_t high = eight_digits(static_cast<std::uint32_t>(m / 100000000));
+  const std::uint64_t low = eight_digits(static_cast<std::uint32_t>(m % 100000000));
+  const int lead = high != zeros ? __builtin_ctzll(high ^ zeros) / 8 : 8 + __builtin_ctzll(low ^ zeros) / 8;
+  const int trail = low != zeros ? __builtin_clzll(low ^ zeros) / 8 : 8 + __builtin_clzll(high ^ zeros) / 8;
+  p -= trail;
+  const int n = 16 - lead - trail;  // significant digits, at most 15
+  const Wide text = (static_cast<Wide>(low) << 64 | high) >> (8 * lead);  // digit i in byte i
   if (d < 0) *o++ = '-';
-  const int point = n - p;  // digits before the decimal point
-  if (point >= n) {
-    std::memcpy(o, digits, static_cast<std::size_t>(n));
-    o += n;
-    std::memset(o, '0', static_cast<std::size_t>(point - n));
-    o += point - n;
+  const int point = n - p;  // digits before the decimal point, from -6 to 15
+  if (point >= n) {  // integral: the digits, zeros, ".0"
+    std::memcpy(o, &text, 16);
+    for (int i = n; i < point; ++i) o[i] = '0';
+    o += point;
     *o++ = '.';
     *o++ = '0';
   } else if (point > 0) {
-    std::memcpy(o, digits, static_cast<std::size_t>(point));
-    o += point;
-    *o++ = '.';
-    std::memcpy(o, digits + point, static_cast<std::size_t>(n - point));
-    o += n - point;
+    const Wide integral = text & ((static_cast<Wide>(1) << (8 * point)) - 1);
+    const Wide joined = integral | static_cast<Wide>('.') << (8 * point) | (text >> (8 * point)) << (8 * (point + 1));
+    std::memcpy(o, &joined, 16);
+    o += n + 1;
   } else {
-    *o++ = '0';
-    *o++ = '.';
-    std::memset(o, '0', static_cast<std::size_t>(-point));
-    o += -point;
-    std::memcpy(o, digits, static_cast<std::size_t>(n));
-    o += n;
+    std::memcpy(o, "0.000000", 8);
+    std::memcpy(o + 2 - point, &text, 16);
+    o += 2 - point + n;
   }
   return o;
+#endif
 }
 
 // The parser's bump allocator over JsonChunk slabs. While a parse runs, the
@@ -2317,10 +2379,15 @@ class JsonParser {
     for (;;) {
       p = json_skip_plain(p, end_);
       if (p == end_ || static_cast<unsigned char>(*p) < 0x80) return p;
-      const char* why = nullptr;
-      const std::size_t n = utf8_sequence_length(p, end_, &why);
-      if (n == 0) fail(p, why);
-      p += n;
+      do {
+        std::size_t n = utf8_common_length(p, end_);
+        if (n == 0) {
+          const char* why = nullptr;
+          n = utf8_sequence_length(p, end_, &why);
+          if (n == 0) fail(p, why);
+        }
+        p += n;
+      } while (p < end_ && static_cast<unsigned char>(*p) >= 0x80);
     }
   }
 
@@ -2430,11 +2497,14 @@ class JsonParser {
 // Prints into one std::string. The cursor travels in a register from call
 // to call (it is passed and returned); the string is grown geometrically
 // when a write needs more room than is left, and trimmed at the end.
+// Compact and pretty output are two instantiations.
+template <bool Pretty>
 class JsonWriter {
  public:
   JsonWriter(std::string& out, int indent) : out_(out), indent_(indent) {
     const std::size_t used = out.size();
-    out_.resize(std::max(used + 256, out_.capacity()));
+    // Room for a small value; resize() clears what it adds, so never more.
+    out_.resize(used + 256);
     begin_ = &out_[0];
     end_ = begin_ + out_.size();
     cursor_ = begin_ + used;
@@ -2464,6 +2534,7 @@ class JsonWriter {
     return o + n;
   }
 
+  // Scalars inline; containers, strings and doubles out of line.
   char* write(char* o, const Json& v, std::size_t depth) {
     switch (v.type_) {
       case Json::Type::Null:
@@ -2478,54 +2549,75 @@ class JsonWriter {
         }
         std::memcpy(o, "false", 5);
         return o + 5;
-      case Json::Type::Int:
+      case Json::Type::Int: {
         o = room(o, 24);
-        return std::to_chars(o, o + 24, v.int_payload()).ptr;
+        const std::int64_t i = v.int_payload();
+        if (static_cast<std::uint64_t>(i) < 10) {
+          *o = static_cast<char>('0' + i);
+          return o + 1;
+        }
+        return std::to_chars(o, o + 24, i).ptr;
+      }
       case Json::Type::Double: return write_double(o, v.double_payload());
       case Json::Type::String: return write_string(o, v.string_payload()->text);
-      case Json::Type::Array: {
-        const Json* it = v.value_.array.data();
-        const std::size_t n = v.value_.array.size();
-        o = room(o, 2);
-        *o++ = '[';
-        for (std::size_t i = 0; i < n; ++i) {
-          if (i + 4 < n) prefetch_payload(it[i + 4]);
-          if (i) {
-            o = room(o, 1);
-            *o++ = ',';
-          }
-          if (indent_ >= 0) o = newline(o, depth + 1);
-          o = write(o, it[i], depth + 1);
-        }
-        if (n && indent_ >= 0) o = newline(o, depth);
+      case Json::Type::Array: return write_array(o, v.value_.array, depth);
+      case Json::Type::Object: return write_object(o, v.value_.object, depth);
+    }
+    return o;
+  }
+
+  char* write_array(char* o, const Json::Array& a, std::size_t depth) {
+    const Json* it = a.data();
+    const std::size_t n = a.size();
+    o = room(o, 2);
+    *o++ = '[';
+    for (std::size_t i = 0; i < n; ++i) {
+      if (i + 4 < n) prefetch_payload(it[i + 4]);
+      if (i) {
         o = room(o, 1);
-        *o++ = ']';
-        return o;
+        *o++ = ',';
       }
-      case Json::Type::Object: {
-        const auto* it = v.value_.object.data();
-        const std::size_t n = v.value_.object.size();
-        o = room(o, 2);
-        *o++ = '{';
-        for (std::size_t i = 0; i < n; ++i) {
-          if (i + 2 < n) prefetch_payload(it[i + 2]);
-          if (i) {
-            o = room(o, 1);
-            *o++ = ',';
-          }
-          if (indent_ >= 0) o = newline(o, depth + 1);
-          o = write_string(o, it[i].first);
-          o = room(o, 2);
-          *o++ = ':';
-          if (indent_ >= 0) *o++ = ' ';
-          o = write(o, it[i].second, depth + 1);
-        }
-        if (n && indent_ >= 0) o = newline(o, depth);
-        o = room(o, 1);
-        *o++ = '}';
-        return o;
+      if constexpr (Pretty) o = newline(o, depth + 1);
+      char* element = o;
+      o = write(o, it[i], depth + 1);
+      // A long array: make room for all of it once, guessing from its first
+      // element, rather than growing (copying and clearing) step by step.
+      if (i == 0 && n >= 16) {
+        const std::size_t guess = (static_cast<std::size_t>(o - element) + 2) * (n - 1);
+        if (guess < (std::size_t{1} << 30)) o = room(o, guess + guess / 4);
       }
     }
+    if constexpr (Pretty) {
+      if (n) o = newline(o, depth);
+    }
+    o = room(o, 1);
+    *o++ = ']';
+    return o;
+  }
+
+  char* write_object(char* o, const Json::Object& object, std::size_t depth) {
+    const auto* it = object.data();
+    const std::size_t n = object.size();
+    o = room(o, 2);
+    *o++ = '{';
+    for (std::size_t i = 0; i < n; ++i) {
+      if (i + 2 < n) prefetch_payload(it[i + 2]);
+      if (i) {
+        o = room(o, 1);
+        *o++ = ',';
+      }
+      if constexpr (Pretty) o = newline(o, depth + 1);
+      o = write_string(o, it[i].first);
+      o = room(o, 2);
+      *o++ = ':';
+      if constexpr (Pretty) *o++ = ' ';
+      o = write(o, it[i].second, depth + 1);
+    }
+    if constexpr (Pretty) {
+      if (n) o = newline(o, depth);
+    }
+    o = room(o, 1);
+    *o++ = '}';
     return o;
   }
 
@@ -2542,7 +2634,56 @@ class JsonWriter {
     return e + 2;
   }
 
+  // The last 1 to 7 bytes of a string in two overlapping loads and one
+  // check, when they are all plain (the usual case for short keys); p is
+  // left as it was otherwise. Advances o.
+  static const char* copy_plain_tail(const char* p, const char* end, char*& o) noexcept {
+    const std::size_t k = static_cast<std::size_t>(end - p);
+    constexpr std::uint64_t spaces = 0x2020202020202020ull;  // plain filler
+    if (k >= 4) {
+      std::uint32_t head, tail;
+      std::memcpy(&head, p, 4);
+      std::memcpy(&tail, end - 4, 4);
+      if (json_word_needs_attention(head | std::uint64_t{tail} << 32)) return p;
+      std::memcpy(o, &head, 4);
+      std::memcpy(o + k - 4, &tail, 4);
+    } else if (k >= 2) {
+      std::uint16_t head, tail;
+      std::memcpy(&head, p, 2);
+      std::memcpy(&tail, end - 2, 2);
+      if (json_word_needs_attention(head | std::uint64_t{tail} << 16 | (spaces << 32))) return p;
+      std::memcpy(o, &head, 2);
+      std::memcpy(o + k - 2, &tail, 2);
+    } else {
+      if (json_byte_classes.of[static_cast<unsigned char>(*p)] != json_plain) return p;
+      *o = *p;
+    }
+    o += k;
+    return end;
+  }
+
+  // Strings without anything to escape, and up to 64 bytes (keys, most
+  // values), take this short path; the rest the general one.
   char* write_string(char* o, const std::string& s) {
+    const std::size_t n = s.size();
+    if (n > 64) return write_any_string(o, s);
+    o = room(o, 64 + 2 + 8);
+    const char* p = s.data();
+    const char* const end = p + n;
+    char* out = o + 1;
+    for (; end - p >= 8; p += 8, out += 8) {
+      std::uint64_t word;
+      std::memcpy(&word, p, 8);
+      if (json_word_needs_attention(word)) return write_any_string(o, s);
+      std::memcpy(out, &word, 8);
+    }
+    if (p < end && copy_plain_tail(p, end, out) != end) return write_any_string(o, s);
+    *o = '"';
+    *out = '"';
+    return out + 1;
+  }
+
+  char* write_any_string(char* o, const std::string& s) {
     const char* p = s.data();
     const char* const end = p + s.size();
     // The text as it is, the quotes, and slack for whole words stored past
@@ -2553,23 +2694,27 @@ class JsonWriter {
       while (end - p >= 8) {
         std::uint64_t word;
         std::memcpy(&word, p, 8);
-        if (json_word_needs_attention(p)) break;
+        if (json_word_needs_attention(word)) break;
         std::memcpy(o, &word, 8);
         p += 8;
         o += 8;
       }
+      if (p < end && end - p < 8) p = copy_plain_tail(p, end, o);
       while (p < end && json_byte_classes.of[static_cast<unsigned char>(*p)] == json_plain) *o++ = *p++;
       if (p == end) break;
       const unsigned char c = static_cast<unsigned char>(*p);
       if (c >= 0x80) {
-        const char* why = nullptr;
-        const std::size_t n = utf8_sequence_length(p, end, &why);
-        if (n == 0)
-          throw JsonError(std::string("cannot print a string that is not UTF-8 (") + why + " at byte " +
-                          std::to_string(p - s.data()) + ")");
-        std::memcpy(o, p, n);  // well-formed: copied as it is
-        p += n;
-        o += n;
+        do {  // a run of non-ASCII characters, checked and copied as they are
+          std::size_t n = utf8_common_length(p, end);
+          if (n == 0) {
+            const char* why = nullptr;
+            n = utf8_sequence_length(p, end, &why);
+            if (n == 0)
+              throw JsonError(std::string("cannot print a string that is not UTF-8 (") + why + " at byte " +
+                              std::to_string(p - s.data()) + ")");
+          }
+          for (const char* stop = p + n; p < stop;) *o++ = *p++;
+        } while (p < end && static_cast<unsigned char>(*p) >= 0x80);
         continue;
       }
       // An escape: make room for it, and again for the rest as it is.
@@ -2843,7 +2988,8 @@ inline bool operator==(const Json& a, const Json& b) noexcept {
 inline void Json::dump_to(std::string& out, int indent) const {
   const std::size_t original = out.size();
   try {
-    detail::JsonWriter(out, indent).run(*this);
+    if (indent < 0) detail::JsonWriter<false>(out, 0).run(*this);
+    else detail::JsonWriter<true>(out, indent).run(*this);
   } catch (...) {
     out.resize(original);
     throw;

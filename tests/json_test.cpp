@@ -2,9 +2,14 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -708,4 +713,68 @@ TEST_CASE("a parse that fails half way frees what it built") {
   REQUIRE(parse_error(text + "]").find("trailing comma") != std::string::npos);
   REQUIRE(parse_error(text + "{\"k\":1,\"k\":2}]").find("duplicate key") != std::string::npos);
   REQUIRE(Json::parse(text + "0]").size() == 20001);
+}
+
+TEST_CASE("doubles print as the shortest text that reads back exactly") {
+  // Significant digits of a number's text, without leading or trailing zeros.
+  auto significant = [](const std::string& text) {
+    std::string digits;
+    for (char c : text.substr(0, text.find_first_of("eE")))
+      if (c >= '0' && c <= '9') digits += c;
+    const std::size_t first = digits.find_first_not_of('0');
+    if (first == std::string::npos) return std::size_t{0};
+    return digits.find_last_not_of('0') - first + 1;
+  };
+  std::mt19937_64 rng(2024);
+  for (int i = 0; i < 200000; ++i) {
+    double d;
+    switch (i % 4) {
+      case 0: {  // any bit pattern
+        const std::uint64_t bits = rng();
+        std::memcpy(&d, &bits, sizeof d);
+        if (!std::isfinite(d)) continue;
+        break;
+      }
+      case 1:  // binary fractions, powers of two among them
+        d = static_cast<double>(rng() % 100000000) / static_cast<double>(std::uint64_t{1} << (rng() % 40));
+        break;
+      case 2: {  // short decimals of every size
+        char text[64];
+        std::snprintf(text, sizeof text, "%.*g", static_cast<int>(1 + rng() % 17),
+                      std::ldexp(static_cast<double>(rng() % 1000000007), static_cast<int>(rng() % 120) - 80));
+        d = std::strtod(text, nullptr);
+        break;
+      }
+      default:
+        d = static_cast<double>(rng() % 100000) / 977.0;
+    }
+    if (rng() % 2) d = -d;
+    const std::string text = Json(d).dump();
+    char reference[64];
+    const std::string shortest(reference, std::to_chars(reference, reference + sizeof reference, d).ptr);
+    INFO(text << " vs " << shortest);
+    const Json back = Json::parse(text);
+    REQUIRE(back.is_double());
+    REQUIRE(back.as_double() == d);
+    REQUIRE(std::signbit(back.as_double()) == std::signbit(d));
+    REQUIRE(significant(text) == significant(shortest));
+  }
+}
+
+TEST_CASE("decimal literals parse to the nearest double") {
+  std::mt19937_64 rng(7);
+  for (int i = 0; i < 100000; ++i) {
+    char text[64];
+    if (i % 2)
+      std::snprintf(text, sizeof text, "%llu.%0*llue%d", static_cast<unsigned long long>(rng() % 100000),
+                    static_cast<int>(rng() % 12), static_cast<unsigned long long>(rng() % 1000000),
+                    static_cast<int>(rng() % 60) - 30);
+    else
+      std::snprintf(text, sizeof text, "%.*g", static_cast<int>(1 + rng() % 17),
+                    std::ldexp(static_cast<double>(rng()), static_cast<int>(rng() % 200) - 100));
+    double expected = 0;
+    std::from_chars(text, text + std::strlen(text), expected);
+    INFO(text);
+    REQUIRE(Json::parse(text).as_double() == expected);
+  }
 }
