@@ -4146,61 +4146,134 @@ inline std::size_t hung_message_size = 0;
 
 inline void on_worker_stop_signal(int) { worker_stop_requested = 1; }
 
+// What the SIGALRM handler of a worker reads: whether a request runs, when
+// it started, and where the polite timer is armed.
+struct HungWatch {
+  std::atomic<bool> in_request{false};
+  std::atomic<std::int64_t> started_ns{0};
+  std::atomic<std::int64_t> polite_due_ns{0};  // in the past: fired, or never armed
+  std::int64_t timeout_ns = 0;
+  timer_t polite{};
+};
+inline HungWatch hung_watch;
+
+inline itimerspec absolute_time(std::int64_t ns) noexcept {
+  itimerspec at{};
+  at.it_value.tv_sec = static_cast<time_t>(ns / 1000000000);
+  at.it_value.tv_nsec = static_cast<long>(ns % 1000000000);
+  return at;
+}
+
+// The polite timer fired. It is armed lazily (see HungTimer), so it may
+// have been set for an earlier request: then it is set again for the
+// request in progress, and nothing happens between requests.
 inline void on_hung_worker(int) {
+  HungWatch& watch = hung_watch;
+  if (!watch.in_request.load()) return;  // the next request arms it again
+  const int saved = errno;
+  const std::int64_t due = watch.started_ns.load() + watch.timeout_ns;
+  if (monotonic_ns() < due) {
+    watch.polite_due_ns.store(due);
+    const itimerspec at = absolute_time(due);
+    ::timer_settime(watch.polite, TIMER_ABSTIME, &at, nullptr);
+    errno = saved;
+    return;
+  }
   ssize_t written = ::write(2, hung_message, hung_message_size);
   (void)written;
   ::_exit(2);
 }
 
-// Two POSIX timers per worker, armed around each request: SIGALRM at the
-// timeout (logged exit) and SIGKILL one second later, for a handler that
-// blocks or catches SIGALRM.
+// hung_worker_timeout as two POSIX timers: SIGALRM at the timeout (a
+// logged exit) and, for a handler that blocks or catches SIGALRM, SIGKILL
+// one to two seconds later, which nothing can stop.
+//
+// Setting a timer is a system call, and a worker may serve tens of
+// thousands of requests a second, so neither is set and cleared around
+// every request. The polite one is set when a request starts only if it is
+// not pending already; when it fires for an earlier request, its handler
+// sets it again for the one in progress (above). The backstop is pushed
+// forward only when it would fire less than timeout + 1 s after the
+// request's start, to timeout + 1 s + slack (at most once per slack of busy
+// time), and is cleared outside requests only where the worker could
+// otherwise wait long enough to meet it: idle in poll (woken 1 s before),
+// blocked sending a reply, or running checkout_done.
 class HungTimer {
  public:
-  explicit HungTimer(double seconds) {
-    polite_at_ = to_spec(seconds);
-    kill_at_ = to_spec(seconds + 1);
+  explicit HungTimer(double seconds)
+      : timeout_ns_(static_cast<std::int64_t>(seconds * 1e9)),
+        slack_ns_(std::min<std::int64_t>(timeout_ns_, guard_ns)) {
+    if (timeout_ns_ < 1) timeout_ns_ = 1;
     sigevent event{};
     event.sigev_notify = SIGEV_SIGNAL;
     event.sigev_signo = SIGALRM;
-    if (::timer_create(CLOCK_MONOTONIC, &event, &polite_) != 0)
+    timer_t polite{};
+    if (::timer_create(CLOCK_MONOTONIC, &event, &polite) != 0)
       throw ServerError("timer_create: " + errno_text(errno));
     event.sigev_signo = SIGKILL;
     if (::timer_create(CLOCK_MONOTONIC, &event, &kill_) != 0) {
       int error = errno;
-      ::timer_delete(polite_);
+      ::timer_delete(polite);
       throw ServerError("timer_create: " + errno_text(error));
     }
+    hung_watch.timeout_ns = timeout_ns_;
+    hung_watch.polite = polite;
+    hung_watch.polite_due_ns.store(0);
   }
   ~HungTimer() {
-    ::timer_delete(polite_);
+    hung_watch.in_request.store(false);
     ::timer_delete(kill_);
+    ::timer_delete(hung_watch.polite);
   }
   HungTimer(const HungTimer&) = delete;
   HungTimer& operator=(const HungTimer&) = delete;
 
+  // A request starts.
   void arm() noexcept {
-    ::timer_settime(polite_, 0, &polite_at_, nullptr);
-    ::timer_settime(kill_, 0, &kill_at_, nullptr);
+    const std::int64_t now = monotonic_ns();
+    hung_watch.started_ns.store(now);
+    hung_watch.in_request.store(true);  // after the start: the handler reads both
+    if (hung_watch.polite_due_ns.load() <= now) {
+      hung_watch.polite_due_ns.store(now + timeout_ns_);
+      const itimerspec at = absolute_time(now + timeout_ns_);
+      ::timer_settime(hung_watch.polite, TIMER_ABSTIME, &at, nullptr);
+    }
+    if (kill_due_ < now + timeout_ns_ + guard_ns) {
+      kill_due_ = now + timeout_ns_ + guard_ns + slack_ns_;
+      const itimerspec at = absolute_time(kill_due_);
+      ::timer_settime(kill_, TIMER_ABSTIME, &at, nullptr);
+    }
   }
+  // The request ended.
   void disarm() noexcept {
+    hung_watch.in_request.store(false);
+    if (kill_due_ != 0 && kill_due_ - monotonic_ns() < guard_ns) quiet();
+  }
+  // Between requests, before the worker waits in poll(): the longest wait
+  // in ms (-1: none) that ends before the backstop could fire.
+  int idle_wait_ms() noexcept {
+    if (kill_due_ == 0) return -1;
+    const std::int64_t left = kill_due_ - guard_ns - monotonic_ns();
+    if (left <= 0) {
+      quiet();
+      return -1;
+    }
+    return static_cast<int>(std::min<std::int64_t>(left / 1000000 + 1, INT_MAX));
+  }
+  // Between requests, before what may block for long: the backstop off.
+  void quiet() noexcept {
+    if (kill_due_ == 0) return;
+    kill_due_ = 0;
     const itimerspec off{};
     ::timer_settime(kill_, 0, &off, nullptr);
-    ::timer_settime(polite_, 0, &off, nullptr);
   }
 
  private:
-  static itimerspec to_spec(double seconds) {
-    itimerspec spec{};
-    spec.it_value.tv_sec = static_cast<time_t>(seconds);
-    spec.it_value.tv_nsec = static_cast<long>((seconds - static_cast<double>(spec.it_value.tv_sec)) * 1e9);
-    if (spec.it_value.tv_sec == 0 && spec.it_value.tv_nsec == 0) spec.it_value.tv_nsec = 1;
-    return spec;
-  }
-  timer_t polite_{};
+  static constexpr std::int64_t guard_ns = 1000000000;  // the backstop's second
+  std::int64_t timeout_ns_;
+  std::int64_t slack_ns_;
   timer_t kill_{};
-  itimerspec polite_at_{};
-  itimerspec kill_at_{};
+  std::int64_t kill_due_ = 0;  // where the backstop is armed; 0: not armed
 };
 
 // Replaces every non-ASCII byte: the last resort for an error message that
@@ -4238,6 +4311,7 @@ class WorkerRequests {
  private:
   void checkout_done() {
     if (!options_.checkout_done) return;
+    if (timer_) timer_->quiet();  // not a request: no limit, as before the first one
     try {
       options_.checkout_done();
     } catch (const std::exception& e) {
@@ -4402,13 +4476,16 @@ class Worker {
       sigdelset(&waiting, SIGTERM);
       sigdelset(&waiting, SIGINT);
       pollfd readable{conn_, POLLIN, 0};
-      int ready = ::ppoll(&readable, 1, nullptr, &waiting);
+      const int wait_ms = timer_ ? timer_->idle_wait_ms() : -1;
+      timespec wait{wait_ms / 1000, static_cast<long>(wait_ms % 1000) * 1000000};
+      int ready = ::ppoll(&readable, 1, wait_ms < 0 ? nullptr : &wait, &waiting);
       int error = errno;
       sigprocmask(SIG_SETMASK, &previous, nullptr);
       if (ready < 0) {
         if (error == EINTR || error == EAGAIN) continue;
         fail("poll: " + errno_text(error));
       }
+      if (ready == 0) continue;  // the hung timer's backstop is due for clearing
       ssize_t n = ::read(conn_, buffer.data(), buffer.size());
       if (n == 0) ::_exit(0);
       if (n < 0) {
@@ -4451,14 +4528,22 @@ class Worker {
     ::_exit(1);
   }
 
+  // Without waiting while the socket takes it all (the usual case); before
+  // waiting for a slow reader, the hung timer's backstop goes off.
   void send_all(const std::string& bytes) {
     const char* data = bytes.data();
     std::size_t left = bytes.size();
+    int flags = MSG_NOSIGNAL | MSG_DONTWAIT;
     while (left > 0) {
-      ssize_t n = ::send(conn_, data, left, MSG_NOSIGNAL);
+      ssize_t n = ::send(conn_, data, left, flags);
       if (n < 0) {
         int error = errno;
         if (error == EINTR) continue;
+        if (error == EAGAIN || error == EWOULDBLOCK) {
+          if (timer_) timer_->quiet();
+          flags = MSG_NOSIGNAL;
+          continue;
+        }
         if (error == EPIPE || error == ECONNRESET) ::_exit(0);  // the client left
         fail("write: " + errno_text(error));
       }
