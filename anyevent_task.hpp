@@ -4368,8 +4368,10 @@ class Worker {
     return std::get<CatchAll>(options_.interface)(args);
   }
 
-  // Sends ["ok", meta, result] or ["er", meta, error]. What JSON cannot
-  // carry becomes an error reply; a log that cannot be sent is dropped.
+  // Sends ["ok", meta, result] or ["er", meta, error]. Each part JSON
+  // cannot carry is mended on its own: a log becomes one warning saying it
+  // could not be sent, a result becomes the error "result cannot be sent as
+  // JSON: ...", an error text loses its non-ASCII bytes.
   void reply(bool ok, Json log, Json result, std::string error) {
     Json meta = Json::object();
     if (!log.is_null()) meta["ld"] = std::move(log);
@@ -4382,28 +4384,41 @@ class Worker {
       message.push_back(error);
     }
     std::string frame;
-    try {
-      frame = encode_frame(message);
-    } catch (const std::exception& e) {
-      Json& sent_meta = message[1];
-      if (sent_meta.contains("ld")) {
-        try {
-          sent_meta.dump();
-        } catch (const std::exception& log_error) {
-          log_line(prefix_ + "request log dropped, JSON cannot carry it: " + log_error.what());
-          sent_meta = Json::object();
-        }
+    std::string why;
+    if (!try_encode(message, frame, why)) {
+      if (Json* ld = message[1].find("ld")) {
+        std::string log_why;
+        if (!try_encode(*ld, frame, log_why)) *ld = unsendable_log(*ld, log_why);
       }
-      if (ok) error = std::string("result cannot be sent as JSON: ") + e.what();
-      message[0] = "er";
-      message[2] = error;
-      try {
-        frame = encode_frame(message);
-      } catch (const std::exception&) {
-        frame = encode_frame(Json{"er", Json::object(), ascii_only(error)});
+      frame.clear();
+      if (!try_encode(message, frame, why)) {
+        message[0] = "er";
+        message[2] = ok ? "result cannot be sent as JSON: " + why : ascii_only(error);
+        if (!try_encode(message, frame, why)) frame = encode_frame(Json{"er", Json::object(), message[2]});
       }
     }
     send_all(frame);
+  }
+
+  static bool try_encode(const Json& message, std::string& frame, std::string& why) {
+    try {
+      frame = encode_frame(message);
+      return true;
+    } catch (const std::exception& e) {
+      why = e.what();
+      return false;
+    }
+  }
+
+  // What replaces a request log JSON cannot carry: its times and pid, and
+  // one warning instead of its entries.
+  static Json unsendable_log(const Json& log, const std::string& why) {
+    Json replacement = Json::object();
+    for (const char* key : {"start", "end", "pid"})
+      if (const Json* value = log.find(key)) replacement[key] = *value;
+    replacement["logs"] =
+        Json::array({Json::array({0.0, 20, "the worker's log could not be sent as JSON: " + why})});
+    return replacement;
   }
 
   void send_all(const std::string& bytes) {

@@ -216,6 +216,26 @@ aet::Methods test_methods() {
          aet::logger().warn(args[0]);
          throw std::runtime_error("after logging");
        }},
+      {"log_bad_utf8",
+       [](const Json&) {
+         aet::logger().info(std::string("\xff\xfe"));
+         return Json("logged");
+       }},
+      {"log_bad_utf8_and_throw",
+       [](const Json&) -> Json {
+         aet::logger().info(std::string("\xff\xfe"));
+         throw std::runtime_error("after logging");
+       }},
+      {"log_and_throw_bad_utf8",
+       [](const Json& args) -> Json {
+         aet::logger().warn(args[0]);
+         throw std::runtime_error("bad \xff byte");
+       }},
+      {"log_and_return_nan",
+       [](const Json& args) {
+         aet::logger().warn(args[0]);
+         return Json(std::nan(""));
+       }},
   };
 }
 
@@ -451,6 +471,50 @@ TEST_CASE("a reply carries the request's log in meta ld, and {} when nothing was
 
   // Each request has a fresh log.
   CHECK(wire.call(args({"pid"}))[1] == Json::object());
+}
+
+TEST_CASE("a log JSON cannot carry is replaced by a warning and the result still arrives") {
+  TempDir dir;
+  auto server = aet::fork_task_server(options_for(dir.unix_address()));
+  Wire wire(server.address());
+  Json pid = wire.result(args({"pid"}));
+  for (const char* method : {"log_bad_utf8", "log_bad_utf8_and_throw"}) {
+    Json reply = wire.call(args({method}));
+    INFO(reply.dump());
+    if (std::string(method) == "log_bad_utf8") {
+      CHECK(reply[0] == "ok");
+      CHECK(reply[2] == "logged");
+    } else {
+      CHECK(reply[0] == "er");
+      CHECK(reply[2] == "after logging");
+    }
+    REQUIRE(reply[1].contains("ld"));
+    const Json& ld = reply[1]["ld"];
+    CHECK(ld["pid"] == pid);
+    REQUIRE(ld["logs"].size() == 1);
+    CHECK(ld["logs"][0][1] == 20);
+    CHECK_THAT(ld["logs"][0][2].as_string(),
+               Catch::StartsWith("the worker's log could not be sent as JSON: "));
+  }
+}
+
+TEST_CASE("an unsendable error text or result keeps the request's valid log") {
+  TempDir dir;
+  auto server = aet::fork_task_server(options_for(dir.unix_address()));
+  Wire wire(server.address());
+  Json bad_error = wire.call(args({"log_and_throw_bad_utf8", "logged before the bad error"}));
+  INFO(bad_error.dump());
+  CHECK(bad_error[0] == "er");
+  CHECK(bad_error[2] == "bad ? byte");
+  REQUIRE(bad_error[1].contains("ld"));
+  CHECK(bad_error[1]["ld"]["logs"][0][2] == "logged before the bad error");
+
+  Json bad_result = wire.call(args({"log_and_return_nan", "logged before the NaN"}));
+  INFO(bad_result.dump());
+  CHECK(bad_result[0] == "er");
+  CHECK_THAT(bad_result[2].as_string(), Catch::StartsWith("result cannot be sent as JSON: "));
+  REQUIRE(bad_result[1].contains("ld"));
+  CHECK(bad_result[1]["ld"]["logs"][0][2] == "logged before the NaN");
 }
 
 // ---- hung workers ----
