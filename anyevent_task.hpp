@@ -80,6 +80,7 @@
 #include <memory>
 #include <new>
 #include <optional>
+#include <random>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -1295,6 +1296,12 @@ struct ClientOptions {
   bool dont_refork_after_error = false;  // keep a worker whose checkout got an error reply
   std::size_t max_frame = default_max_frame;  // largest request sent and reply accepted
   std::size_t max_pending_checkouts = 0;  // checkouts not yet served; 0: unlimited
+  // Spreads the recycling of workers started together: each worker's own
+  // max_checkouts is drawn uniformly from the integers in
+  // [max_checkouts * (1 - j), max_checkouts * (1 + j)], at least 1. From 0
+  // (every worker serves exactly max_checkouts) to 1. Last, so that
+  // positional initialisers written before it existed keep their meaning.
+  double max_checkouts_jitter = 0;
 };
 
 struct CheckoutOptions {
@@ -1854,25 +1861,25 @@ inline std::size_t find_duplicate_key(const std::pair<std::string, Json>* member
 
 // The 8 digits of x < 10^8 (leading zeros included) as characters packed
 // into a word, the first digit in the lowest byte: it stays in a register.
+// x splits into 4-digit halves in 32-bit lanes, these into 2-digit halves
+// in 16-bit lanes, these into digits in bytes; every lane divides at once
+// by a multiply and shift (n * 10486 >> 20 is n / 100 for n < 10^4, and
+// n * 103 >> 10 is n / 10 for n < 100), no lane overflowing into the next.
 inline std::uint64_t eight_digits(std::uint32_t x) noexcept {
-  static constexpr char pairs[] =
-      "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
-      "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
-      "8081828384858687888990919293949596979899";
-  const std::uint32_t high = x / 10000, low = x % 10000;
-  std::uint16_t a, b, c, d;
-  std::memcpy(&a, pairs + 2 * (high / 100), 2);
-  std::memcpy(&b, pairs + 2 * (high % 100), 2);
-  std::memcpy(&c, pairs + 2 * (low / 100), 2);
-  std::memcpy(&d, pairs + 2 * (low % 100), 2);
-  return std::uint64_t{a} | std::uint64_t{b} << 16 | std::uint64_t{c} << 32 | std::uint64_t{d} << 48;
+  std::uint64_t v = x / 10000 | std::uint64_t{x % 10000} << 32;
+  std::uint64_t q = (v * 10486 >> 20) & 0x0000007F0000007Full;
+  v = q | (v - q * 100) << 16;
+  q = (v * 103 >> 10) & 0x000F000F000F000Full;
+  v = q | (v - q * 10) << 8;
+  return v | 0x3030303030303030ull;  // + '0' in every byte
 }
 
 // The shortest text of a double that needs at most 15 significant digits
-// and lies in [1e-7, 1e15), written at o; nullptr for any other double
-// (then std::to_chars does it). Decimals of 15 digits lie farther apart
-// than doubles, so at most one of them reads back as d: if the nearest one
-// does, its digits without trailing zeros are the shortest round trip.
+// and lies in [1e-7, 1e15), written at o (at most 32 bytes); nullptr for
+// any other double (then std::to_chars does it). Decimals of 15 digits lie
+// farther apart than doubles, so at most one of them reads back as d: if
+// the nearest one does, its digits without trailing zeros are the shortest
+// round trip.
 inline char* format_short_double(char* o, double d) noexcept {
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
   (void)o;
@@ -1901,8 +1908,8 @@ inline char* format_short_double(char* o, double d) noexcept {
     if (p == 0) return nullptr;
     scaled = a * powers[--p];
   }
-  std::uint64_t m = static_cast<std::uint64_t>(scaled + 0.5);
-  if (m >= 1000000000000000u) return nullptr;
+  const std::uint64_t m = static_cast<std::uint64_t>(scaled + 0.5);
+  if (m < 100000000000000u || m >= 1000000000000000u) return nullptr;  // exactly 15 digits
   // Does m / 10^p read back as a = M / 2^k? Exactly, in integers: it does
   // when |m / 10^p - a| is below half the spacing of doubles at a, that is
   // |m * 2^(k+1-p) - 2 * M * 5^p| < 5^p (half that below a power of two,
@@ -1922,36 +1929,33 @@ inline char* format_short_double(char* o, double d) noexcept {
   const Wide difference = candidate > target ? candidate - target : target - candidate;
   const bool below_power_of_two = mantissa == std::uint64_t{1} << 52 && candidate < target;
   if ((below_power_of_two ? 2 * difference : difference) >= powers_of_5[p]) return nullptr;
-  // All 16 digits of m (leading zeros included) in two independent halves,
-  // kept in registers: the zeros to drop are counted in the words, and the
-  // text is assembled by shifts and stored in whole words.
+  // The 15 digits of m in two words (digit i in byte i, byte 15 zero),
+  // kept in registers; the zeros to drop are counted in the words.
   constexpr std::uint64_t zeros = 0x3030303030303030ull;  // "00000000"
-  const std::uint64_t high = eight_digits(static_cast<std::uint32_t>(m / 100000000));
+  const std::uint64_t high = eight_digits(static_cast<std::uint32_t>(m / 100000000));  // '0' + 7 digits
   const std::uint64_t low = eight_digits(static_cast<std::uint32_t>(m % 100000000));
-  const int lead = high != zeros ? __builtin_ctzll(high ^ zeros) / 8 : 8 + __builtin_ctzll(low ^ zeros) / 8;
   const int trail = low != zeros ? __builtin_clzll(low ^ zeros) / 8 : 8 + __builtin_clzll(high ^ zeros) / 8;
-  p -= trail;
-  const int n = 16 - lead - trail;  // significant digits, at most 15
-  const Wide text = (static_cast<Wide>(low) << 64 | high) >> (8 * lead);  // digit i in byte i
+  const int n = 15 - trail;   // significant digits, the first nonzero
+  const int point = 15 - p;   // digits before the decimal point, from -6 to 15
+  const std::uint64_t text_low = high >> 8 | low << 56, text_high = low >> 8;
   if (d < 0) *o++ = '-';
-  const int point = n - p;  // digits before the decimal point, from -6 to 15
-  if (point >= n) {  // integral: the digits, zeros, ".0"
-    std::memcpy(o, &text, 16);
-    for (int i = n; i < point; ++i) o[i] = '0';
-    o += point;
-    *o++ = '.';
-    *o++ = '0';
-  } else if (point > 0) {
-    const Wide integral = text & ((static_cast<Wide>(1) << (8 * point)) - 1);
-    const Wide joined = integral | static_cast<Wide>('.') << (8 * point) | (text >> (8 * point)) << (8 * (point + 1));
-    std::memcpy(o, &joined, 16);
-    o += n + 1;
-  } else {
+  if (point <= 0) {  // "0.", zeros, the digits
     std::memcpy(o, "0.000000", 8);
-    std::memcpy(o + 2 - point, &text, 16);
-    o += 2 - point + n;
+    std::memcpy(o + 2 - point, &text_low, 8);
+    std::memcpy(o + 10 - point, &text_high, 8);
+    return o + 2 - point + n;
   }
-  return o;
+  std::memcpy(o, &text_low, 8);
+  std::memcpy(o + 8, &text_high, 8);
+  if (point >= n) {  // integral: the digits (and zeros) before the point, ".0"
+    std::memcpy(o + point, ".0", 2);
+    return o + point + 2;
+  }
+  // The first `point` digits, '.', the rest moved one byte on.
+  const Wide rest = (static_cast<Wide>(text_high) << 64 | text_low) >> (8 * point);
+  o[point] = '.';
+  std::memcpy(o + point + 1, &rest, 16);
+  return o + n + 1;
 #endif
 }
 
@@ -4139,61 +4143,134 @@ inline std::size_t hung_message_size = 0;
 
 inline void on_worker_stop_signal(int) { worker_stop_requested = 1; }
 
+// What the SIGALRM handler of a worker reads: whether a request runs, when
+// it started, and where the polite timer is armed.
+struct HungWatch {
+  std::atomic<bool> in_request{false};
+  std::atomic<std::int64_t> started_ns{0};
+  std::atomic<std::int64_t> polite_due_ns{0};  // in the past: fired, or never armed
+  std::int64_t timeout_ns = 0;
+  timer_t polite{};
+};
+inline HungWatch hung_watch;
+
+inline itimerspec absolute_time(std::int64_t ns) noexcept {
+  itimerspec at{};
+  at.it_value.tv_sec = static_cast<time_t>(ns / 1000000000);
+  at.it_value.tv_nsec = static_cast<long>(ns % 1000000000);
+  return at;
+}
+
+// The polite timer fired. It is armed lazily (see HungTimer), so it may
+// have been set for an earlier request: then it is set again for the
+// request in progress, and nothing happens between requests.
 inline void on_hung_worker(int) {
+  HungWatch& watch = hung_watch;
+  if (!watch.in_request.load()) return;  // the next request arms it again
+  const int saved = errno;
+  const std::int64_t due = watch.started_ns.load() + watch.timeout_ns;
+  if (monotonic_ns() < due) {
+    watch.polite_due_ns.store(due);
+    const itimerspec at = absolute_time(due);
+    ::timer_settime(watch.polite, TIMER_ABSTIME, &at, nullptr);
+    errno = saved;
+    return;
+  }
   ssize_t written = ::write(2, hung_message, hung_message_size);
   (void)written;
   ::_exit(2);
 }
 
-// Two POSIX timers per worker, armed around each request: SIGALRM at the
-// timeout (logged exit) and SIGKILL one second later, for a handler that
-// blocks or catches SIGALRM.
+// hung_worker_timeout as two POSIX timers: SIGALRM at the timeout (a
+// logged exit) and, for a handler that blocks or catches SIGALRM, SIGKILL
+// one to two seconds later, which nothing can stop.
+//
+// Setting a timer is a system call, and a worker may serve tens of
+// thousands of requests a second, so neither is set and cleared around
+// every request. The polite one is set when a request starts only if it is
+// not pending already; when it fires for an earlier request, its handler
+// sets it again for the one in progress (above). The backstop is pushed
+// forward only when it would fire less than timeout + 1 s after the
+// request's start, to timeout + 1 s + slack (at most once per slack of busy
+// time), and is cleared outside requests only where the worker could
+// otherwise wait long enough to meet it: idle in poll (woken 1 s before),
+// blocked sending a reply, or running checkout_done.
 class HungTimer {
  public:
-  explicit HungTimer(double seconds) {
-    polite_at_ = to_spec(seconds);
-    kill_at_ = to_spec(seconds + 1);
+  explicit HungTimer(double seconds)
+      : timeout_ns_(static_cast<std::int64_t>(seconds * 1e9)),
+        slack_ns_(std::min<std::int64_t>(timeout_ns_, guard_ns)) {
+    if (timeout_ns_ < 1) timeout_ns_ = 1;
     sigevent event{};
     event.sigev_notify = SIGEV_SIGNAL;
     event.sigev_signo = SIGALRM;
-    if (::timer_create(CLOCK_MONOTONIC, &event, &polite_) != 0)
+    timer_t polite{};
+    if (::timer_create(CLOCK_MONOTONIC, &event, &polite) != 0)
       throw ServerError("timer_create: " + errno_text(errno));
     event.sigev_signo = SIGKILL;
     if (::timer_create(CLOCK_MONOTONIC, &event, &kill_) != 0) {
       int error = errno;
-      ::timer_delete(polite_);
+      ::timer_delete(polite);
       throw ServerError("timer_create: " + errno_text(error));
     }
+    hung_watch.timeout_ns = timeout_ns_;
+    hung_watch.polite = polite;
+    hung_watch.polite_due_ns.store(0);
   }
   ~HungTimer() {
-    ::timer_delete(polite_);
+    hung_watch.in_request.store(false);
     ::timer_delete(kill_);
+    ::timer_delete(hung_watch.polite);
   }
   HungTimer(const HungTimer&) = delete;
   HungTimer& operator=(const HungTimer&) = delete;
 
+  // A request starts.
   void arm() noexcept {
-    ::timer_settime(polite_, 0, &polite_at_, nullptr);
-    ::timer_settime(kill_, 0, &kill_at_, nullptr);
+    const std::int64_t now = monotonic_ns();
+    hung_watch.started_ns.store(now);
+    hung_watch.in_request.store(true);  // after the start: the handler reads both
+    if (hung_watch.polite_due_ns.load() <= now) {
+      hung_watch.polite_due_ns.store(now + timeout_ns_);
+      const itimerspec at = absolute_time(now + timeout_ns_);
+      ::timer_settime(hung_watch.polite, TIMER_ABSTIME, &at, nullptr);
+    }
+    if (kill_due_ < now + timeout_ns_ + guard_ns) {
+      kill_due_ = now + timeout_ns_ + guard_ns + slack_ns_;
+      const itimerspec at = absolute_time(kill_due_);
+      ::timer_settime(kill_, TIMER_ABSTIME, &at, nullptr);
+    }
   }
+  // The request ended.
   void disarm() noexcept {
+    hung_watch.in_request.store(false);
+    if (kill_due_ != 0 && kill_due_ - monotonic_ns() < guard_ns) quiet();
+  }
+  // Between requests, before the worker waits in poll(): the longest wait
+  // in ms (-1: none) that ends before the backstop could fire.
+  int idle_wait_ms() noexcept {
+    if (kill_due_ == 0) return -1;
+    const std::int64_t left = kill_due_ - guard_ns - monotonic_ns();
+    if (left <= 0) {
+      quiet();
+      return -1;
+    }
+    return static_cast<int>(std::min<std::int64_t>(left / 1000000 + 1, INT_MAX));
+  }
+  // Between requests, before what may block for long: the backstop off.
+  void quiet() noexcept {
+    if (kill_due_ == 0) return;
+    kill_due_ = 0;
     const itimerspec off{};
     ::timer_settime(kill_, 0, &off, nullptr);
-    ::timer_settime(polite_, 0, &off, nullptr);
   }
 
  private:
-  static itimerspec to_spec(double seconds) {
-    itimerspec spec{};
-    spec.it_value.tv_sec = static_cast<time_t>(seconds);
-    spec.it_value.tv_nsec = static_cast<long>((seconds - static_cast<double>(spec.it_value.tv_sec)) * 1e9);
-    if (spec.it_value.tv_sec == 0 && spec.it_value.tv_nsec == 0) spec.it_value.tv_nsec = 1;
-    return spec;
-  }
-  timer_t polite_{};
+  static constexpr std::int64_t guard_ns = 1000000000;  // the backstop's second
+  std::int64_t timeout_ns_;
+  std::int64_t slack_ns_;
   timer_t kill_{};
-  itimerspec polite_at_{};
-  itimerspec kill_at_{};
+  std::int64_t kill_due_ = 0;  // where the backstop is armed; 0: not armed
 };
 
 // Replaces every non-ASCII byte: the last resort for an error message that
@@ -4204,101 +4281,34 @@ inline std::string ascii_only(std::string text) {
   return text;
 }
 
-// One worker: serves the connection `conn` until EOF, then _exit(0).
-class Worker {
+// What a worker does with the messages of its connection, apart from the
+// socket: runs setup, the interface and checkout_done, and builds the
+// replies. The worker's loop and fuzz/worker_fuzz.cpp both go through
+// handle(), so the fuzzer exercises the code that serves requests.
+class WorkerRequests {
  public:
-  Worker(const ServerOptions& options, int conn)
-      : options_(options), conn_(conn), decoder_(options.max_frame) {
-    prefix_ = "aet-worker:" + options_.name + "[" + std::to_string(::getpid()) + "]: ";
-    if (options_.hung_worker_timeout > 0) {
-      std::string line = prefix_ + "hung_worker_timeout of " +
-                         format_seconds(options_.hung_worker_timeout) + " s exceeded, exiting\n";
-      hung_message_size = std::min(line.size(), sizeof hung_message);
-      std::memcpy(hung_message, line.data(), hung_message_size);
-      try {
-        timer_.emplace(options_.hung_worker_timeout);
-      } catch (const std::exception& e) {
-        log_line(prefix_ + "no hung_worker_timeout: " + e.what());
-      }
-    }
-  }
+  // `timer` (may be null) is armed around each request.
+  WorkerRequests(const ServerOptions& options, std::string log_prefix, HungTimer* timer)
+      : options_(options), prefix_(std::move(log_prefix)), timer_(timer) {}
 
-  [[noreturn]] void serve_forever() {
-    sigset_t stop_signals;
-    sigemptyset(&stop_signals);
-    sigaddset(&stop_signals, SIGTERM);
-    sigaddset(&stop_signals, SIGINT);
-    std::vector<char> buffer(64 * 1024);
-    for (;;) {
-      for (;;) {
-        std::optional<Json> message;
-        try {
-          message = decoder_.next();
-        } catch (const std::exception& e) {
-          protocol_error(e.what());
-        }
-        if (!message) break;
-        serve(*message);
-        if (worker_stop_requested) ::_exit(0);
-      }
-      // The stop signals are let in only inside ppoll(), atomically: a
-      // SIGTERM cannot slip in between the check and the wait. They are let
-      // in even if a handler blocked them: the worker owns them.
-      sigset_t previous;
-      sigprocmask(SIG_BLOCK, &stop_signals, &previous);
-      if (worker_stop_requested) ::_exit(0);
-      sigset_t waiting = previous;
-      sigdelset(&waiting, SIGTERM);
-      sigdelset(&waiting, SIGINT);
-      pollfd readable{conn_, POLLIN, 0};
-      int ready = ::ppoll(&readable, 1, nullptr, &waiting);
-      int error = errno;
-      sigprocmask(SIG_SETMASK, &previous, nullptr);
-      if (ready < 0) {
-        if (error == EINTR || error == EAGAIN) continue;
-        fail("poll: " + errno_text(error));
-      }
-      ssize_t n = ::read(conn_, buffer.data(), buffer.size());
-      if (n == 0) ::_exit(0);
-      if (n < 0) {
-        error = errno;
-        if (error == EINTR || error == EAGAIN) continue;
-        if (error == ECONNRESET) ::_exit(0);
-        fail("read: " + errno_text(error));
-      }
-      try {
-        decoder_.feed(buffer.data(), static_cast<std::size_t>(n));
-      } catch (const std::exception& e) {
-        protocol_error(e.what());
-      }
+  // One decoded message: the reply frame for a "do", an empty string for a
+  // "dn" (nothing to send). ProtocolError for what a client must not send.
+  std::string handle(Json& message) {
+    if (!message.is_array() || message.size() < 2 || !message[0].is_string())
+      throw ProtocolError("malformed message");
+    const std::string& command = message[0].as_string();
+    if (command == "do") return request(message);
+    if (command == "dn") {
+      checkout_done();
+      return {};
     }
+    throw ProtocolError("unexpected \"" + command + "\" message from the client");
   }
 
  private:
-  [[noreturn]] void protocol_error(const std::string& what) {
-    log_line(prefix_ + "protocol error: " + what);
-    ::_exit(1);
-  }
-  [[noreturn]] void fail(const std::string& what) {
-    log_line(prefix_ + what);
-    ::_exit(1);
-  }
-
-  void serve(Json& message) {
-    if (!message.is_array() || message.size() < 2 || !message[0].is_string())
-      protocol_error("malformed message");
-    const std::string& command = message[0].as_string();
-    if (command == "do") {
-      request(message);
-    } else if (command == "dn") {
-      checkout_done();
-    } else {
-      protocol_error("unexpected \"" + command + "\" message from the client");
-    }
-  }
-
   void checkout_done() {
     if (!options_.checkout_done) return;
+    if (timer_) timer_->quiet();  // not a request: no limit, as before the first one
     try {
       options_.checkout_done();
     } catch (const std::exception& e) {
@@ -4308,7 +4318,7 @@ class Worker {
     }
   }
 
-  void request(Json& message) {
+  std::string request(Json& message) {
     Json::Array& parts = message.as_array();
     Json args(Json::Array(std::make_move_iterator(parts.begin() + 2),
                           std::make_move_iterator(parts.end())));
@@ -4348,7 +4358,7 @@ class Worker {
     } catch (const std::exception& e) {
       log_line(prefix_ + "cannot finish the request log: " + e.what());
     }
-    reply(ok, std::move(log), std::move(result), std::move(error));
+    return reply(ok, std::move(log), std::move(result), std::move(error));
   }
 
   Json call(Json args) {
@@ -4368,11 +4378,11 @@ class Worker {
     return std::get<CatchAll>(options_.interface)(args);
   }
 
-  // Sends ["ok", meta, result] or ["er", meta, error]. Each part JSON
-  // cannot carry is mended on its own: a log becomes one warning saying it
-  // could not be sent, a result becomes the error "result cannot be sent as
-  // JSON: ...", an error text loses its non-ASCII bytes.
-  void reply(bool ok, Json log, Json result, std::string error) {
+  // The frame of ["ok", meta, result] or ["er", meta, error]. Each part
+  // JSON cannot carry is mended on its own: a log becomes one warning saying
+  // it could not be sent, a result becomes the error "result cannot be sent
+  // as JSON: ...", an error text loses its non-ASCII bytes.
+  std::string reply(bool ok, Json log, Json result, std::string error) {
     Json meta = Json::object();
     if (!log.is_null()) meta["ld"] = std::move(log);
     Json message = Json::array();
@@ -4383,30 +4393,22 @@ class Worker {
     } else {
       message.push_back(error);
     }
-    std::string frame;
     std::string why;
-    if (!try_encode(message, frame, why)) {
-      if (Json* ld = message[1].find("ld")) {
-        std::string log_why;
-        if (!try_encode(*ld, frame, log_why)) *ld = unsendable_log(*ld, log_why);
-      }
-      frame.clear();
-      if (!try_encode(message, frame, why)) {
-        message[0] = "er";
-        message[2] = ok ? "result cannot be sent as JSON: " + why : ascii_only(error);
-        if (!try_encode(message, frame, why)) frame = encode_frame(Json{"er", Json::object(), message[2]});
-      }
-    }
-    send_all(frame);
+    if (std::optional<std::string> frame = try_encode(message, why)) return std::move(*frame);
+    if (Json* ld = message[1].find("ld"); ld && !try_encode(*ld, why)) *ld = unsendable_log(*ld, why);
+    if (std::optional<std::string> frame = try_encode(message, why)) return std::move(*frame);
+    message[0] = "er";
+    message[2] = ok ? "result cannot be sent as JSON: " + why : ascii_only(error);
+    if (std::optional<std::string> frame = try_encode(message, why)) return std::move(*frame);
+    return encode_frame(Json{"er", Json::object(), message[2]});
   }
 
-  static bool try_encode(const Json& message, std::string& frame, std::string& why) {
+  static std::optional<std::string> try_encode(const Json& message, std::string& why) {
     try {
-      frame = encode_frame(message);
-      return true;
+      return encode_frame(message);
     } catch (const std::exception& e) {
       why = e.what();
-      return false;
+      return std::nullopt;
     }
   }
 
@@ -4421,14 +4423,132 @@ class Worker {
     return replacement;
   }
 
+  const ServerOptions& options_;
+  std::string prefix_;
+  HungTimer* timer_;
+  bool setup_done_ = false;
+};
+
+// One worker: serves the connection `conn` until EOF, then _exit(0).
+class Worker {
+ public:
+  Worker(const ServerOptions& options, int conn)
+      : options_(options),
+        conn_(conn),
+        decoder_(options.max_frame),
+        prefix_("aet-worker:" + options_.name + "[" + std::to_string(::getpid()) + "]: ") {
+    if (options_.hung_worker_timeout > 0) {
+      std::string line = prefix_ + "hung_worker_timeout of " +
+                         format_seconds(options_.hung_worker_timeout) + " s exceeded, exiting\n";
+      hung_message_size = std::min(line.size(), sizeof hung_message);
+      std::memcpy(hung_message, line.data(), hung_message_size);
+      try {
+        timer_.emplace(options_.hung_worker_timeout);
+      } catch (const std::exception& e) {
+        log_line(prefix_ + "no hung_worker_timeout: " + e.what());
+      }
+    }
+    requests_.emplace(options_, prefix_, timer_ ? &*timer_ : nullptr);
+  }
+
+  [[noreturn]] void serve_forever() {
+    sigset_t stop_signals;
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGTERM);
+    sigaddset(&stop_signals, SIGINT);
+    std::vector<char> buffer(64 * 1024);
+    for (;;) {
+      for (;;) {
+        std::optional<Json> message;
+        std::string reply;
+        try {
+          message = decoder_.next();
+          if (!message) break;
+          reply = requests_->handle(*message);
+        } catch (const ProtocolError& e) {
+          protocol_error(e.what());
+        }
+        if (!reply.empty()) send_all(reply);
+        if (worker_stop_requested) exit_for_stop();
+      }
+      // The stop signals are let in only inside ppoll(), atomically: a
+      // SIGTERM cannot slip in between the check and the wait. They are let
+      // in even if a handler blocked them: the worker owns them.
+      sigset_t previous;
+      sigprocmask(SIG_BLOCK, &stop_signals, &previous);
+      if (worker_stop_requested) exit_for_stop();
+      sigset_t waiting = previous;
+      sigdelset(&waiting, SIGTERM);
+      sigdelset(&waiting, SIGINT);
+      pollfd readable{conn_, POLLIN, 0};
+      const int wait_ms = timer_ ? timer_->idle_wait_ms() : -1;
+      timespec wait{wait_ms / 1000, static_cast<long>(wait_ms % 1000) * 1000000};
+      int ready = ::ppoll(&readable, 1, wait_ms < 0 ? nullptr : &wait, &waiting);
+      int error = errno;
+      sigprocmask(SIG_SETMASK, &previous, nullptr);
+      if (ready < 0) {
+        if (error == EINTR || error == EAGAIN) continue;
+        fail("poll: " + errno_text(error));
+      }
+      if (ready == 0) continue;  // the hung timer's backstop is due for clearing
+      ssize_t n = ::read(conn_, buffer.data(), buffer.size());
+      if (n == 0) ::_exit(0);
+      if (n < 0) {
+        error = errno;
+        if (error == EINTR || error == EAGAIN) continue;
+        if (error == ECONNRESET) ::_exit(0);
+        fail("read: " + errno_text(error));
+      }
+      try {
+        decoder_.feed(buffer.data(), static_cast<std::size_t>(n));
+      } catch (const std::exception& e) {
+        protocol_error(e.what());
+      }
+    }
+  }
+
+ private:
+  [[noreturn]] void protocol_error(const std::string& what) {
+    log_line(prefix_ + "protocol error: " + what);
+    ::_exit(1);
+  }
+  // Exits for SIGTERM/SIGINT with a clean end of stream. Closing with input
+  // unread (a request that came too late, the "dn" after a last reply)
+  // would make TCP reset the connection, which may discard a reply still in
+  // flight: the end is sent first, then what has arrived is read and
+  // dropped (a bounded amount: a client that keeps sending cannot hold the
+  // worker).
+  [[noreturn]] void exit_for_stop() {
+    ::shutdown(conn_, SHUT_WR);
+    char scrap[4096];
+    for (int round = 0; round < 256; ++round) {
+      ssize_t n = ::recv(conn_, scrap, sizeof scrap, MSG_DONTWAIT);
+      if (n > 0 || (n < 0 && errno == EINTR)) continue;
+      break;
+    }
+    ::_exit(0);
+  }
+  [[noreturn]] void fail(const std::string& what) {
+    log_line(prefix_ + what);
+    ::_exit(1);
+  }
+
+  // Without waiting while the socket takes it all (the usual case); before
+  // waiting for a slow reader, the hung timer's backstop goes off.
   void send_all(const std::string& bytes) {
     const char* data = bytes.data();
     std::size_t left = bytes.size();
+    int flags = MSG_NOSIGNAL | MSG_DONTWAIT;
     while (left > 0) {
-      ssize_t n = ::send(conn_, data, left, MSG_NOSIGNAL);
+      ssize_t n = ::send(conn_, data, left, flags);
       if (n < 0) {
         int error = errno;
         if (error == EINTR) continue;
+        if (error == EAGAIN || error == EWOULDBLOCK) {
+          if (timer_) timer_->quiet();
+          flags = MSG_NOSIGNAL;
+          continue;
+        }
         if (error == EPIPE || error == ECONNRESET) ::_exit(0);  // the client left
         fail("write: " + errno_text(error));
       }
@@ -4441,8 +4561,8 @@ class Worker {
   int conn_;
   FrameDecoder decoder_;
   std::string prefix_;
-  bool setup_done_ = false;
   std::optional<HungTimer> timer_;
+  std::optional<WorkerRequests> requests_;  // after timer_, which it points to
 };
 
 // The freshly forked child of the master: becomes a worker for `conn`.
@@ -4960,6 +5080,24 @@ using CallQueue = std::list<ClientCall>;
 
 struct CheckoutCore;
 
+// A worker's own max_checkouts (see ClientOptions::max_checkouts_jitter):
+// uniform over the integers in [max * (1 - jitter), max * (1 + jitter)],
+// at least 1; 0 (unlimited) stays 0.
+inline unsigned draw_checkout_limit(unsigned max_checkouts, double jitter, std::minstd_rand& random) {
+  if (max_checkouts == 0 || !(jitter > 0)) return max_checkouts;
+  const double most = static_cast<double>(std::numeric_limits<unsigned>::max());
+  const double low = std::max(1.0, std::ceil(max_checkouts * (1 - jitter)));
+  const double high = std::min(most, std::max(low, std::floor(max_checkouts * (1 + jitter))));
+  std::uniform_int_distribution<unsigned> pick(static_cast<unsigned>(low), static_cast<unsigned>(high));
+  return pick(random);
+}
+
+inline std::minstd_rand::result_type random_seed(const void* salt) {
+  const auto now = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+  const auto mixed = now ^ static_cast<std::uint64_t>(::getpid()) << 32 ^ reinterpret_cast<std::uintptr_t>(salt);
+  return static_cast<std::minstd_rand::result_type>(mixed % 2147483646u + 1);  // never 0
+}
+
 // One connection to the server, that is one worker process.
 struct ClientWorker {
   explicit ClientWorker(std::size_t max_frame) : decoder(max_frame) {}
@@ -4985,6 +5123,7 @@ struct ClientWorker {
   FrameDecoder decoder;
   CheckoutCore* checkout = nullptr;  // the checkout holding it, if any
   unsigned served = 0;               // checkouts released cleanly
+  unsigned checkout_limit = 0;       // its own max_checkouts; 0: unlimited
   std::list<std::shared_ptr<ClientWorker>>::iterator position;  // in ClientState::workers
 };
 
@@ -5036,7 +5175,12 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
         name(options.name.empty() ? options.connect : options.name),
         address(resolve_client_address(options.connect)),
         done_frame(encode_frame(Json{"dn", Json::object()})),
-        read_buffer(64 * 1024) {}
+        read_buffer(64 * 1024),
+        random(random_seed(this)) {
+    const double jitter = options.max_checkouts_jitter;
+    if (!(jitter >= 0 && jitter <= 1))
+      throw Error("aet::Client: max_checkouts_jitter must be from 0 to 1");
+  }
   ClientState(const ClientState&) = delete;
   ClientState& operator=(const ClientState&) = delete;
   ~ClientState() { shutdown(); }
@@ -5047,6 +5191,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   ClientAddress address;
   std::string done_frame;
   std::vector<char> read_buffer;  // shared by every worker: reads never overlap
+  std::minstd_rand random;        // draws each worker's checkout limit
   bool closed = false;
   std::list<std::shared_ptr<ClientWorker>> workers;  // connected or connecting
   std::size_t connecting = 0;
@@ -5143,6 +5288,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   // -1: failed at once; 0: connecting; 1: connected and idle.
   int connect_worker() {
     auto worker = std::make_shared<ClientWorker>(options.max_frame);
+    worker->checkout_limit = draw_checkout_limit(options.max_checkouts, options.max_checkouts_jitter, random);
     const int fd = ::socket(address.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) return -1;
     worker->fd = fd;
@@ -5541,7 +5687,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
         std::string frame = done_frame;
         send(*worker, frame);
         ++worker->served;
-        reuse = !worker->broken && !(options.max_checkouts != 0 && worker->served >= options.max_checkouts);
+        reuse = !worker->broken && !(worker->checkout_limit != 0 && worker->served >= worker->checkout_limit);
       }
       if (reuse) {
         idle.push_back(worker);

@@ -8,6 +8,8 @@
 //   aet_bench memory           client memory per pending checkout, idle worker RSS
 //   aet_bench scale W          checkouts per second with W workers
 //
+// The server runs with the default hung_worker_timeout (300 s), or with
+// $AET_BENCH_HUNG_TIMEOUT seconds (0: none) if set.
 // Each prints `name value` lines. A floor is the same exchange done with raw
 // sockets and no library: the cost of the kernel and the processes alone.
 
@@ -20,13 +22,18 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
+#include <memory>
 #include <random>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include "anyevent_task.hpp"
@@ -70,27 +77,56 @@ void write_all(int fd, const char* data, std::size_t size) {
   }
 }
 
-// Reads one frame (header + body) into `body`, waiting in poll(); false on EOF.
-bool read_frame(int fd, std::string& body) {
-  auto read_exact = [fd](char* out, std::size_t size) {
-    while (size > 0) {
-      pollfd p{fd, POLLIN, 0};
-      if (::poll(&p, 1, -1) < 0 && errno != EINTR) die("poll");
-      ssize_t n = ::read(fd, out, size);
+// The frames of one raw connection, read the way a careful hand-written
+// client would: wait in poll(), then one read() of whatever is there (a
+// whole frame, several, or part of one) into a buffer kept from call to call;
+// a large body is read straight to its place, in as few reads as the kernel
+// allows. No JSON, no event loop: the cost of the kernel and the processes.
+class RawReader {
+ public:
+  explicit RawReader(int fd) : fd_(fd) {}
+  // The next frame's body (valid until the next call); false on EOF.
+  // `readable`: poll() said so already, read at once.
+  bool next(std::string_view& body, bool readable = false) {
+    if (start_ > 0 && start_ == end_) start_ = end_ = 0;
+    for (;;) {
+      std::size_t have = end_ - start_;
+      if (have >= 4) {
+        const auto* h = reinterpret_cast<const unsigned char*>(buffer_.data() + start_);
+        std::size_t size = (std::size_t{h[0]} << 24) | (std::size_t{h[1]} << 16) |
+                           (std::size_t{h[2]} << 8) | h[3];
+        if (have >= 4 + size) {
+          body = std::string_view(buffer_.data() + start_ + 4, size);
+          start_ += 4 + size;
+          return true;
+        }
+        if (buffer_.size() < start_ + 4 + size) {  // room for the whole frame
+          std::memmove(buffer_.data(), buffer_.data() + start_, have);
+          start_ = 0;
+          end_ = have;
+          if (buffer_.size() < 4 + size) buffer_.resize(4 + size);
+        }
+      } else if (buffer_.size() - end_ < 4) {
+        std::memmove(buffer_.data(), buffer_.data() + start_, have);
+        start_ = 0;
+        end_ = have;
+      }
+      pollfd p{fd_, POLLIN, 0};
+      if (!std::exchange(readable, false) && ::poll(&p, 1, -1) < 0) {
+        if (errno == EINTR) continue;
+        die("poll");
+      }
+      ssize_t n = ::read(fd_, buffer_.data() + end_, buffer_.size() - end_);
       if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
       if (n <= 0) return false;
-      out += n;
-      size -= static_cast<std::size_t>(n);
+      end_ += static_cast<std::size_t>(n);
     }
-    return true;
-  };
-  unsigned char header[4];
-  if (!read_exact(reinterpret_cast<char*>(header), 4)) return false;
-  std::size_t size = (std::size_t{header[0]} << 24) | (std::size_t{header[1]} << 16) |
-                     (std::size_t{header[2]} << 8) | header[3];
-  body.resize(size);
-  return read_exact(body.data(), size);
-}
+  }
+ private:
+  int fd_;
+  std::vector<char> buffer_ = std::vector<char>(64 * 1024);  // as the library's read buffers
+  std::size_t start_ = 0, end_ = 0;
+};
 
 // A raw echo process: answers every frame that is not a "dn" with `reply`.
 pid_t spawn_raw_echo(int fd, const std::string& reply) {
@@ -100,9 +136,10 @@ pid_t spawn_raw_echo(int fd, const std::string& reply) {
     // Keep only our end: a peer end held here would hide the parent's close.
     for (int other = 3; other < 4096; ++other)
       if (other != fd) close(other);
-    std::string body;
-    while (read_frame(fd, body)) {
-      if (body.compare(0, 5, "[\"dn\"") == 0) continue;
+    RawReader in(fd);
+    std::string_view body;
+    while (in.next(body)) {
+      if (body.substr(0, 5) == "[\"dn\"") continue;
       write_all(fd, reply.data(), reply.size());
     }
     _exit(0);
@@ -116,6 +153,13 @@ void reap(pid_t pid) {
 }
 
 // ---- library set-up ----------------------------------------------------------
+
+// The servers' hung_worker_timeout: the library's default unless
+// AET_BENCH_HUNG_TIMEOUT says otherwise (0 measures the worker without it).
+double hung_worker_timeout() {
+  const char* text = std::getenv("AET_BENCH_HUNG_TIMEOUT");
+  return text ? std::atof(text) : aet::ServerOptions{}.hung_worker_timeout;
+}
 
 struct Bench {
   char dir[32] = "/tmp/aet-bench-XXXXXX";
@@ -135,7 +179,7 @@ struct Bench {
     aet::ServerOptions so;
     so.listen = address;
     so.name = "bench";
-    so.hung_worker_timeout = 0;
+    so.hung_worker_timeout = hung_worker_timeout();
     so.interface = aet::Methods{{"echo", [](const aet::Json& args) -> aet::Json { return args[0]; }}};
     return so;
   }
@@ -166,222 +210,344 @@ void on_error(const std::exception& e, const std::string&) {
   std::exit(1);
 }
 
-// ---- rtt ---------------------------------------------------------------------
+// ---- alternating batches -------------------------------------------------------
 
-double library_rtt_us(int n, const std::string& payload) {
-  Bench b;
-  aet::Loop loop;
-  aet::Client client(loop, b.client_options(1));
-  aet::Checkout co = client.checkout();
-  int done = 0;
-  double t0 = 0;
-  std::function<void(aet::Checkout&, aet::Json)> next = [&](aet::Checkout& c, aet::Json) {
-    if (done == 0) t0 = now();  // the first call connects the worker: not timed
-    if (++done <= n) c.call("echo", {payload}, next);
-  };
-  aet::frame_try([&] { co.call("echo", {payload}, next); }, on_error);
-  run_until(loop, [&] { return done > n; });
-  return (now() - t0) / n * 1e6;
+// The library and its floor run in alternating batches, so that a change in
+// the machine's load (other processes share its cores) hits both alike; each
+// figure is the median over the batches of seconds per batch.
+constexpr int batches = 10;
+
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  std::size_t n = values.size();
+  return n % 2 ? values[n / 2] : (values[n / 2 - 1] + values[n / 2]) / 2;
 }
 
-double floor_rtt_us(int n, const std::string& payload) {
-  std::string request = aet::encode_frame(aet::Json{"do", aet::Json::object(), "echo", payload});
-  std::string reply = aet::encode_frame(aet::Json{"ok", aet::Json::object(), payload});
-  int sv[2];
-  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) die("socketpair");
-  pid_t child = spawn_raw_echo(sv[1], reply);
-  close(sv[1]);
-  std::string body;
-  double t0 = 0;
-  for (int i = 0; i <= n; ++i) {
-    if (i == 1) t0 = now();
-    write_all(sv[0], request.data(), request.size());
-    if (!read_frame(sv[0], body)) die("echo died");
+// Runs each of `work` (callables returning the seconds a batch took) once
+// per batch, in turn; returns their medians in the same order.
+// With $AET_BENCH_FIRST_ONLY set (for profiling) only the first runs.
+std::vector<double> alternate(const std::vector<std::function<double()>>& work) {
+  std::vector<std::vector<double>> times(work.size());
+  const std::size_t running = std::getenv("AET_BENCH_FIRST_ONLY") ? 1 : work.size();
+  for (int i = 0; i < batches; ++i)
+    for (std::size_t w = 0; w < work.size(); ++w) times[w].push_back(w < running ? work[w]() : 0.0);
+  std::vector<double> medians;
+  for (auto& t : times) medians.push_back(median(t));
+  return medians;
+}
+
+// A raw echo process at the other end of a socketpair.
+struct RawEcho {
+  int fd = -1;
+  pid_t child = -1;
+  explicit RawEcho(const std::string& reply) {
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) die("socketpair");
+    child = spawn_raw_echo(sv[1], reply);
+    close(sv[1]);
+    fd = sv[0];
   }
-  double us = (now() - t0) / n * 1e6;
-  close(sv[0]);
-  reap(child);
-  return us;
+  ~RawEcho() {
+    close(fd);
+    reap(child);
+  }
+  RawEcho(const RawEcho&) = delete;
+  RawEcho& operator=(const RawEcho&) = delete;
+};
+
+// Sequential echo calls of `arg` on one checkout of a one-worker client.
+struct LibraryEcho {
+  aet::Loop loop;
+  aet::Client client;
+  aet::Checkout checkout;
+  aet::Json arg;
+  std::size_t expected_size = 0;  // of a string result, if not 0
+  int left = 0;
+  std::function<void(aet::Checkout&, aet::Json)> next;
+
+  LibraryEcho(const aet::ClientOptions& options, aet::Json argument)
+      : client(loop, options), checkout(client.checkout()), arg(std::move(argument)) {
+    next = [this](aet::Checkout& c, aet::Json r) {
+      if (expected_size && r.as_string().size() != expected_size) die("short echo");
+      if (--left > 0) c.call("echo", aet::Json::array({arg}), next);
+    };
+  }
+  double batch(int count) {
+    left = count;
+    double t0 = now();
+    aet::frame_try([&] { checkout.call("echo", aet::Json::array({arg}), next); }, on_error);
+    run_until(loop, [&] { return left == 0; });
+    return now() - t0;
+  }
+};
+
+// The same calls on the raw echo: `request` written, the reply read.
+double raw_echo_batch(RawEcho& raw, RawReader& in, const std::string& request, std::size_t reply_size,
+                      int count) {
+  std::string_view body;
+  double t0 = now();
+  for (int i = 0; i < count; ++i) {
+    write_all(raw.fd, request.data(), request.size());
+    if (!in.next(body) || body.size() != reply_size) die("raw echo died");
+  }
+  return now() - t0;
+}
+
+// ---- rtt ---------------------------------------------------------------------
+
+void bench_rtt(int n) {
+  const std::string payload = "hello world";
+  const std::string request = aet::encode_frame(aet::Json{"do", aet::Json::object(), "echo", payload});
+  const std::string reply = aet::encode_frame(aet::Json{"ok", aet::Json::object(), payload});
+  Bench b;
+  LibraryEcho library(b.client_options(1), payload);
+  RawEcho raw(reply);
+  RawReader in(raw.fd);
+  const int per_batch = std::max(1, n / batches);
+  library.batch(1);  // connects the worker
+  raw_echo_batch(raw, in, request, reply.size() - 4, 1);
+  std::vector<double> t = alternate({
+      [&] { return library.batch(per_batch); },
+      [&] { return raw_echo_batch(raw, in, request, reply.size() - 4, per_batch); },
+  });
+  print("rtt_us", t[0] / per_batch * 1e6);
+  print("floor_rtt_us", t[1] / per_batch * 1e6);
 }
 
 // ---- checkouts -----------------------------------------------------------------
 
-double library_checkouts_per_s(int n, unsigned workers) {
-  Bench b;
-  aet::Loop loop;
-  aet::Client client(loop, b.client_options(workers));
+// A client of `workers` workers; a batch is `count` checkouts of one call,
+// all queued at once.
+struct LibraryPool {
+  aet::Loop& loop;
+  aet::Client client;
   int served = 0;
-  auto round = [&](int count) {
+  LibraryPool(aet::Loop& l, Bench& b, unsigned workers) : loop(l), client(l, b.client_options(workers)) {}
+  double batch(int count) {
     served = 0;
+    double t0 = now();
     aet::frame_try(
         [&] {
           for (int i = 0; i < count; ++i)
-            client.checkout().call("echo", {1}, [&](aet::Checkout&, aet::Json) { ++served; });
+            client.checkout().call("echo", {1}, [this](aet::Checkout&, aet::Json) { ++served; });
         },
         on_error);
     run_until(loop, [&] { return served == count; });
-  };
-  round(static_cast<int>(workers) * 2);  // connect every worker first
-  double t0 = now();
-  round(n);
-  return n / (now() - t0);
-}
+    return now() - t0;
+  }
+};
 
-double floor_checkouts_per_s(int n, unsigned workers) {
+// The floor of a pool: `workers` raw echo processes, one request each in
+// flight, a reply answered with "dn" and the next request in one write.
+struct RawPool {
   std::string request = aet::encode_frame(aet::Json{"do", aet::Json::object(), "echo", 1});
   std::string release = aet::encode_frame(aet::Json{"dn", aet::Json::object()});
-  std::string reply = aet::encode_frame(aet::Json{"ok", aet::Json::object(), 1});
-  std::vector<int> fds;
-  std::vector<pid_t> kids;
-  for (unsigned i = 0; i < workers; ++i) {
-    int sv[2];
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) die("socketpair");
-    kids.push_back(spawn_raw_echo(sv[1], reply));
-    close(sv[1]);
-    fds.push_back(sv[0]);
-  }
-  double t0 = now();
-  int sent = 0, served = 0;
+  std::string release_and_request = release + request;
+  std::vector<std::unique_ptr<RawEcho>> echoes;
+  std::vector<RawReader> readers;
   std::vector<pollfd> polls;
-  for (int fd : fds) {
-    if (sent < n) {
-      write_all(fd, request.data(), request.size());
-      ++sent;
+
+  explicit RawPool(unsigned workers) {
+    const std::string reply = aet::encode_frame(aet::Json{"ok", aet::Json::object(), 1});
+    for (unsigned i = 0; i < workers; ++i) {
+      echoes.push_back(std::make_unique<RawEcho>(reply));
+      readers.emplace_back(echoes.back()->fd);
+      polls.push_back({echoes.back()->fd, POLLIN, 0});
     }
-    polls.push_back({fd, POLLIN, 0});
   }
-  std::string body;
-  while (served < n) {
-    if (::poll(polls.data(), polls.size(), -1) < 0 && errno != EINTR) die("poll");
-    for (pollfd& p : polls) {
-      if (!(p.revents & POLLIN)) continue;
-      if (!read_frame(p.fd, body)) die("echo died");
-      ++served;
-      std::string next = release;
-      if (sent < n) {
-        next += request;
+  double batch(int count) {
+    double t0 = now();
+    int sent = 0, served = 0;
+    for (pollfd& p : polls)
+      if (sent < count) {
+        write_all(p.fd, request.data(), request.size());
         ++sent;
       }
-      write_all(p.fd, next.data(), next.size());
+    std::string_view body;
+    while (served < count) {
+      if (::poll(polls.data(), polls.size(), -1) < 0 && errno != EINTR) die("poll");
+      for (std::size_t i = 0; i < polls.size(); ++i) {
+        if (!(polls[i].revents & POLLIN)) continue;
+        if (!readers[i].next(body, true)) die("raw echo died");
+        ++served;
+        const std::string& next = sent < count ? release_and_request : release;
+        if (sent < count) ++sent;
+        write_all(polls[i].fd, next.data(), next.size());
+      }
     }
+    return now() - t0;
   }
-  double rate = n / (now() - t0);
-  for (int fd : fds) close(fd);
-  for (pid_t k : kids) reap(k);
-  return rate;
+};
+
+void bench_checkouts(int n, unsigned workers) {
+  Bench b;
+  aet::Loop loop;
+  LibraryPool library(loop, b, workers);
+  RawPool raw(workers);
+  const int per_batch = std::max(1, n / batches);
+  library.batch(static_cast<int>(workers) * 2);  // connects every worker
+  raw.batch(static_cast<int>(workers) * 2);
+  std::vector<double> t = alternate({
+      [&] { return library.batch(per_batch); },
+      [&] { return raw.batch(per_batch); },
+  });
+  print("checkouts_per_s", per_batch / t[0]);
+  print("floor_checkouts_per_s", per_batch / t[1]);
+}
+
+// W workers beside 4, over the same server and loop, in the same run.
+void bench_scale(int n, unsigned workers) {
+  Bench b;
+  aet::Loop loop;
+  LibraryPool few(loop, b, 4);
+  LibraryPool many(loop, b, workers);
+  RawPool raw(workers);
+  const int per_batch = std::max(1, n / batches);
+  few.batch(8);
+  many.batch(static_cast<int>(workers) * 2);
+  raw.batch(static_cast<int>(workers) * 2);
+  std::vector<double> t = alternate({
+      [&] { return many.batch(per_batch); },
+      [&] { return few.batch(per_batch); },
+      [&] { return raw.batch(per_batch); },
+  });
+  print("checkouts_per_s", per_batch / t[0]);
+  print("w4_checkouts_per_s", per_batch / t[1]);
+  print("floor_checkouts_per_s", per_batch / t[2]);
 }
 
 // ---- spawn -----------------------------------------------------------------------
 
-double library_spawn_us(int n) {
-  Bench b;
+// A fresh worker for every checkout: max_checkouts 1, and min_workers 0 so
+// that no worker is connected ahead of demand (each checkout pays a whole
+// connect, accept and fork, as the floor does).
+struct LibrarySpawn {
   aet::Loop loop;
-  aet::ClientOptions co = b.client_options(1);
-  co.max_checkouts = 1;
-  co.min_workers = 1;
-  aet::Client client(loop, co);
-  int done = 0;
-  double t0 = 0;
-  std::function<void()> next = [&] {
-    client.checkout().call("echo", {1}, [&](aet::Checkout&, aet::Json) {
-      if (done == 0) t0 = now();
-      if (++done <= n) next();
-    });
-  };
-  aet::frame_try([&] { next(); }, on_error);
-  run_until(loop, [&] { return done > n; });
-  return (now() - t0) / n * 1e6;
-}
+  aet::Client client;
+  int left = 0;
+  std::function<void()> next;
+  static aet::ClientOptions options(Bench& b) {
+    aet::ClientOptions co = b.client_options(1);
+    co.max_checkouts = 1;
+    co.min_workers = 0;
+    return co;
+  }
+  explicit LibrarySpawn(Bench& b) : client(loop, options(b)) {
+    next = [this] {
+      client.checkout().call("echo", {1}, [this](aet::Checkout&, aet::Json) {
+        if (--left > 0) next();
+      });
+    };
+  }
+  double batch(int count) {
+    left = count;
+    double t0 = now();
+    aet::frame_try([&] { next(); }, on_error);
+    run_until(loop, [&] { return left == 0; });
+    return now() - t0;
+  }
+};
 
-double floor_spawn_us(int n) {
-  char dir[] = "/tmp/aet-floor-XXXXXX";
-  if (!mkdtemp(dir)) die("mkdtemp");
-  std::string path = std::string(dir) + "/f.sock";
+// The floor: a forking server (waiting in poll(), one echo child per
+// connection) and a client connecting afresh for each request.
+struct RawSpawn {
+  char dir[32] = "/tmp/aet-floor-XXXXXX";
   sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", path.c_str());
-  int listener = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (listener < 0 || bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr) < 0 ||
-      listen(listener, 128) < 0)
-    die("listen");
+  std::string path;
   std::string request = aet::encode_frame(aet::Json{"do", aet::Json::object(), "echo", 1});
   std::string reply = aet::encode_frame(aet::Json{"ok", aet::Json::object(), 1});
-  pid_t server = fork();
-  if (server == 0) {  // a forking server: one echo child per connection
-    signal(SIGCHLD, SIG_IGN);
-    for (;;) {
-      int c = accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
-      if (c < 0) continue;
-      pid_t w = fork();
-      if (w == 0) {
-        close(listener);
-        std::string body;
-        while (read_frame(c, body)) write_all(c, reply.data(), reply.size());
-        _exit(0);
+  pid_t server = -1;
+
+  RawSpawn() {
+    if (!mkdtemp(dir)) die("mkdtemp");
+    path = std::string(dir) + "/f.sock";
+    addr.sun_family = AF_UNIX;
+    std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", path.c_str());
+    int listener = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (listener < 0 || bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr) < 0 ||
+        listen(listener, 128) < 0)
+      die("listen");
+    server = fork();
+    if (server < 0) die("fork");
+    if (server == 0) {
+      signal(SIGCHLD, SIG_IGN);
+      for (;;) {
+        pollfd p{listener, POLLIN, 0};
+        if (::poll(&p, 1, -1) < 0) continue;
+        int c = accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
+        if (c < 0) continue;
+        pid_t w = fork();
+        if (w == 0) {
+          close(listener);
+          RawReader in(c);
+          std::string_view body;
+          while (in.next(body)) write_all(c, reply.data(), reply.size());
+          _exit(0);
+        }
+        close(c);
       }
+    }
+    close(listener);
+  }
+  ~RawSpawn() {
+    kill(server, SIGKILL);
+    reap(server);
+    unlink(path.c_str());
+    rmdir(dir);
+  }
+  double batch(int count) {
+    std::string_view body;
+    double t0 = now();
+    for (int i = 0; i < count; ++i) {
+      int c = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      if (connect(c, reinterpret_cast<sockaddr*>(&addr), sizeof addr) < 0) die("connect");
+      write_all(c, request.data(), request.size());
+      RawReader in(c);
+      if (!in.next(body)) die("floor echo died");
       close(c);
     }
+    return now() - t0;
   }
-  close(listener);
-  std::string body;
-  double t0 = 0;
-  for (int i = 0; i <= n; ++i) {
-    if (i == 1) t0 = now();
-    int c = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (connect(c, reinterpret_cast<sockaddr*>(&addr), sizeof addr) < 0) die("connect");
-    write_all(c, request.data(), request.size());
-    if (!read_frame(c, body)) die("floor echo died");
-    close(c);
-  }
-  double us = (now() - t0) / n * 1e6;
-  kill(server, SIGKILL);
-  reap(server);
-  unlink(path.c_str());
-  rmdir(dir);
-  return us;
+};
+
+void bench_spawn(int n) {
+  Bench b;
+  LibrarySpawn library(b);
+  RawSpawn raw;
+  const int per_batch = std::max(1, n / batches);
+  library.batch(1);
+  raw.batch(1);
+  std::vector<double> t = alternate({
+      [&] { return library.batch(per_batch); },
+      [&] { return raw.batch(per_batch); },
+  });
+  print("spawn_us", t[0] / per_batch * 1e6);
+  print("floor_spawn_us", t[1] / per_batch * 1e6);
 }
 
 // ---- payload ---------------------------------------------------------------------
 
-double library_payload_mb_s(std::size_t bytes, int rounds) {
-  std::string payload(bytes, 'x');
+void bench_payload(std::size_t bytes, int rounds) {
+  const std::string payload(bytes, 'x');
+  const std::string request = aet::encode_frame(aet::Json{"do", aet::Json::object(), "echo", payload});
+  const std::string reply = aet::encode_frame(aet::Json{"ok", aet::Json::object(), payload});
   Bench b;
-  aet::Loop loop;
   aet::ClientOptions co = b.client_options(1);
   co.max_frame = bytes * 2 + 1024;
-  aet::Client client(loop, co);
-  aet::Checkout c = client.checkout();
-  int done = 0;
-  double t0 = 0;
-  std::function<void(aet::Checkout&, aet::Json)> next = [&](aet::Checkout& k, aet::Json r) {
-    if (done > 0 && r.as_string().size() != bytes) die("short echo");
-    if (done == 0) t0 = now();
-    if (++done <= rounds) k.call("echo", {payload}, next);
-  };
-  aet::frame_try([&] { c.call("echo", {payload}, next); }, on_error);
-  run_until(loop, [&] { return done > rounds; });
-  return 2.0 * bytes * rounds / (now() - t0) / 1e6;  // both directions
-}
-
-double floor_payload_mb_s(std::size_t bytes, int rounds) {
-  std::string payload(bytes, 'x');
-  std::string request = aet::encode_frame(aet::Json{"do", aet::Json::object(), "echo", payload});
-  std::string reply = aet::encode_frame(aet::Json{"ok", aet::Json::object(), payload});
-  int sv[2];
-  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) die("socketpair");
-  pid_t child = spawn_raw_echo(sv[1], reply);
-  close(sv[1]);
-  std::string body;
-  double t0 = 0;
-  for (int i = 0; i <= rounds; ++i) {
-    if (i == 1) t0 = now();
-    write_all(sv[0], request.data(), request.size());
-    if (!read_frame(sv[0], body)) die("echo died");
-  }
-  double rate = 2.0 * bytes * rounds / (now() - t0) / 1e6;
-  close(sv[0]);
-  reap(child);
-  return rate;
+  LibraryEcho library(co, payload);
+  library.expected_size = bytes;
+  RawEcho raw(reply);
+  RawReader in(raw.fd);
+  const int per_batch = std::max(1, rounds / batches);
+  library.batch(1);
+  raw_echo_batch(raw, in, request, reply.size() - 4, 1);
+  std::vector<double> t = alternate({
+      [&] { return library.batch(per_batch); },
+      [&] { return raw_echo_batch(raw, in, request, reply.size() - 4, per_batch); },
+  });
+  // Both directions count.
+  print("payload_mb_s", 2.0 * bytes * per_batch / t[0] / 1e6);
+  print("floor_payload_mb_s", 2.0 * bytes * per_batch / t[1] / 1e6);
 }
 
 // ---- json ------------------------------------------------------------------------
@@ -520,24 +686,16 @@ int main(int argc, char** argv) {
   setrlimit(RLIMIT_NOFILE, &nofile);
   std::string what = argv[1];
   if (what == "rtt") {
-    int n = arg(argc, argv, 2, 20000);
-    std::string payload = "hello world";
-    print("rtt_us", library_rtt_us(n, payload));
-    print("floor_rtt_us", floor_rtt_us(n, payload));
-  } else if (what == "checkouts" || what == "scale") {
-    int n = what == "scale" ? 20000 : arg(argc, argv, 2, 20000);
-    unsigned w = static_cast<unsigned>(what == "scale" ? arg(argc, argv, 2, 500) : arg(argc, argv, 3, 4));
-    print("checkouts_per_s", library_checkouts_per_s(n, w));
-    print("floor_checkouts_per_s", floor_checkouts_per_s(n, w));
+    bench_rtt(arg(argc, argv, 2, 20000));
+  } else if (what == "checkouts") {
+    bench_checkouts(arg(argc, argv, 2, 20000), static_cast<unsigned>(arg(argc, argv, 3, 4)));
+  } else if (what == "scale") {
+    bench_scale(20000, static_cast<unsigned>(arg(argc, argv, 2, 500)));
   } else if (what == "spawn") {
-    int n = arg(argc, argv, 2, 500);
-    print("spawn_us", library_spawn_us(n));
-    print("floor_spawn_us", floor_spawn_us(n));
+    bench_spawn(arg(argc, argv, 2, 300));
   } else if (what == "payload") {
     std::size_t bytes = static_cast<std::size_t>(arg(argc, argv, 2, 1 << 20));
-    int rounds = static_cast<int>(std::max<std::size_t>(10, (256u << 20) / bytes));
-    print("payload_mb_s", library_payload_mb_s(bytes, rounds));
-    print("floor_payload_mb_s", floor_payload_mb_s(bytes, rounds));
+    bench_payload(bytes, static_cast<int>(std::max<std::size_t>(batches, (256u << 20) / bytes)));
   } else if (what == "json") {
     bench_json();
   } else if (what == "memory") {

@@ -15,10 +15,16 @@ runs=5
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 
-for args in "rtt 20000" "checkouts 20000 4" "spawn 300" "payload 1048576" "json" "memory" "scale 500"; do
-  for _ in $(seq $runs); do
+# Each subcommand's lines are prefixed with its name; "rtt0" and
+# "checkouts0" are the same runs with hung_worker_timeout = 0 (no watchdog).
+for _ in $(seq $runs); do
+  for args in "rtt 20000" "checkouts 20000 4" "spawn 300" "payload 1048576" "json" "memory" "scale 500"; do
     # shellcheck disable=SC2086
     "$bench" $args | sed "s/^/${args%% *} /" >>"$out"
+  done
+  for args in "rtt 20000" "checkouts 20000 4"; do
+    # shellcheck disable=SC2086
+    AET_BENCH_HUNG_TIMEOUT=0 "$bench" $args | sed "s/^/${args%% *}0 /" >>"$out"
   done
 done
 
@@ -33,7 +39,9 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else
 echo
 echo "ratios (target in brackets)"
 echo "rtt / floor                    $(ratio "$(m rtt rtt_us)" "$(m rtt floor_rtt_us)")   [<= 1.25]"
+echo "  hung_worker_timeout = 0      $(ratio "$(m rtt0 rtt_us)" "$(m rtt0 floor_rtt_us)")"
 echo "checkouts W=4 / floor          $(ratio "$(m checkouts checkouts_per_s)" "$(m checkouts floor_checkouts_per_s)")   [>= 0.5]"
+echo "  hung_worker_timeout = 0      $(ratio "$(m checkouts0 checkouts_per_s)" "$(m checkouts0 floor_checkouts_per_s)")"
 echo "spawn / floor                  $(ratio "$(m spawn spawn_us)" "$(m spawn floor_spawn_us)")   [<= 1.5]"
 echo "payload 1 MiB / floor          $(ratio "$(m payload payload_mb_s)" "$(m payload floor_payload_mb_s)")   [>= 0.5]"
 echo "json parse / nlohmann          $(ratio "$(m json json_parse_mb_s)" "$(m json nlohmann_parse_mb_s)")   [>= 3]"

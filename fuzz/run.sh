@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Builds the fuzz targets with clang++ -fsanitize=fuzzer,address,undefined
 # and runs each for SECONDS (default 60) on a copy of its seed corpus.
-# Usage: fuzz/run.sh [SECONDS] [target...]      targets: json frame
+# Usage: fuzz/run.sh [SECONDS] [target...]      targets: json frame worker
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(json frame)
+[ ${#targets[@]} -gt 0 ] || targets=(json frame worker)
 out=build-fuzz
 mkdir -p "$out"
 for t in "${targets[@]}"; do

@@ -186,6 +186,11 @@ aet::Methods test_methods() {
          ::closedir(dir);
          return list;
        }},
+      {"ignore_sigalrm",
+       [](const Json&) {
+         ::signal(SIGALRM, SIG_IGN);
+         return Json("ignoring");
+       }},
       {"block_sigterm",
        [](const Json&) {
          sigset_t term;
@@ -563,6 +568,62 @@ TEST_CASE("requests shorter than hung_worker_timeout never trip it, however many
   // Idle for longer than the timeout: the timer is disarmed between requests.
   std::this_thread::sleep_for(std::chrono::milliseconds(400));
   CHECK(wire.result(args({"pid"})) == pid);
+}
+
+// The timers are armed lazily (not around every request): these check
+// the moments where a lazy timer could fire at the wrong time.
+
+TEST_CASE("after a busy spell longer than hung_worker_timeout a hung request still ends on time") {
+  TempDir dir;
+  aet::ServerOptions options = options_for(dir.unix_address());
+  options.hung_worker_timeout = 0.3;
+  StderrCapture stderr_capture;
+  auto server = stderr_capture.redirect([&] { return aet::fork_task_server(options); });
+  Wire wire(server.address());
+  const double busy_until = monotonic_now() + 0.8;
+  while (monotonic_now() < busy_until) CHECK(wire.result(args({"echo", 1})) == Json::array({1}));
+  wire.send(Json::array({"do", Json::object(), "sleep", 5}));
+  const double start = monotonic_now();
+  CHECK(wire.closes_within(3));
+  CHECK(monotonic_now() - start < 1.0);
+  CHECK(stderr_capture.wait_for("hung_worker_timeout of 0.3 s exceeded, exiting"));
+}
+
+TEST_CASE("a worker that ignores SIGALRM is killed when hung, and never while idle") {
+  TempDir dir;
+  aet::ServerOptions options = options_for(dir.unix_address());
+  options.hung_worker_timeout = 0.3;
+  StderrCapture stderr_capture;
+  auto server = stderr_capture.redirect([&] { return aet::fork_task_server(options); });
+  Wire wire(server.address());
+  Json pid = wire.result(args({"pid"}));
+  CHECK(wire.result(args({"ignore_sigalrm"})) == "ignoring");
+  // Past every deadline the last request set (0.3 s, and the SIGKILL one
+  // to two seconds later): the idle worker must still be there.
+  std::this_thread::sleep_for(std::chrono::milliseconds(2200));
+  CHECK(wire.result(args({"pid"})) == pid);
+  wire.send(Json::array({"do", Json::object(), "sleep", 10}));
+  const double start = monotonic_now();
+  CHECK(wire.closes_within(5));
+  CHECK(monotonic_now() - start < 3.0);
+  CHECK(stderr_capture.wait_for("killed by signal 9"));
+}
+
+TEST_CASE("neither a slow reader of a large reply nor a long checkout_done meets hung_worker_timeout") {
+  TempDir dir;
+  aet::ServerOptions options = options_for(dir.unix_address());
+  options.hung_worker_timeout = 0.3;
+  options.checkout_done = [] { std::this_thread::sleep_for(std::chrono::milliseconds(1800)); };
+  auto server = aet::fork_task_server(options);
+  Wire wire(server.address());
+  Json pid = wire.result(args({"pid"}));
+  wire.send(Json::array({"do", Json::object(), "big"}));
+  std::this_thread::sleep_for(std::chrono::milliseconds(2200));  // not reading the 16 MiB
+  std::optional<Json> reply = wire.receive();
+  REQUIRE(reply);
+  CHECK((*reply)[2].as_string().size() == std::size_t{16} << 20);
+  wire.send(Json::array({"dn", Json::object()}));
+  CHECK(wire.result(args({"pid"})) == pid);  // answered once checkout_done is over
 }
 
 // ---- processes ----
