@@ -1377,8 +1377,9 @@ class Checkout {
 // none is idle and fewer than max_workers exist (connecting ones count).
 // A failed connect is retried every 0.2 s while there is such demand, so
 // checkouts made before the server is up are served once it is, within
-// their timeout. An idle worker that dies is dropped at once and replaced
-// as needed. A worker is closed, never reused, after a fatal error on its
+// their timeout; a connection that dies before serving any checkout counts
+// as a failed connect. An idle worker that dies is dropped at once and
+// replaced as needed. A worker is closed, never reused, after a fatal error on its
 // checkout, after an error reply (unless dont_refork_after_error), or once
 // it served max_checkouts; otherwise a released checkout sends "dn" and
 // its worker goes back to the pool.
@@ -5122,6 +5123,7 @@ struct ClientWorker {
   std::size_t out_sent = 0;
   FrameDecoder decoder;
   CheckoutCore* checkout = nullptr;  // the checkout holding it, if any
+  bool held = false;  // ever handed to a checkout; dying before counts as a failed connect
   unsigned served = 0;               // checkouts released cleanly
   unsigned checkout_limit = 0;       // its own max_checkouts; 0: unlimited
   std::list<std::shared_ptr<ClientWorker>>::iterator position;  // in ClientState::workers
@@ -5222,13 +5224,16 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       ClientWorker* worker = idle.back();
       idle.pop_back();
       if (!still_open(*worker)) {
-        drop_worker(*worker);  // died before the loop noticed; open_workers() replaces it
+        // Died before the loop noticed; open_workers() replaces it.
+        if (!worker->held) arm_retry();
+        drop_worker(*worker);
         continue;
       }
       it = pending.erase(it);
       core->queued = false;
       core->worker = worker;
       worker->checkout = core;
+      worker->held = true;
       send_next(*core);
     }
   }
@@ -5446,9 +5451,12 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   }
 
   // The worker is unusable: an idle one is replaced as needed, a checkout
-  // holding it fails for good.
+  // holding it fails for good. One that dies before serving any checkout
+  // counts as a failed connect (a server that accepts and closes, say): it
+  // is replaced after the retry delay, not at once in a tight loop.
   void worker_failed(const std::shared_ptr<ClientWorker>& worker, const std::string& message) {
     CheckoutCore* holder = worker->checkout;
+    if (!worker->held) arm_retry();
     drop_worker(*worker);
     if (holder) {
       std::shared_ptr<CheckoutCore> core = *holder->position;  // a copy: fail() may erase it

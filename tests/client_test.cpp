@@ -718,6 +718,40 @@ TEST_CASE("after a server restart new checkouts succeed") {
   REQUIRE(call_and_wait(loop, client, "echo", {3}) == Json{3});
 }
 
+TEST_CASE("connections that die straight after connect are retried every 0.2 s, not in a tight loop") {
+  aet_test::TempDir dir;
+  aet::Loop loop;
+  // A listener that accepts and closes at once.
+  const int listener = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  REQUIRE(listener >= 0);
+  sockaddr_un where{};
+  where.sun_family = AF_UNIX;
+  const std::string path = dir.file("closing.sock");
+  std::memcpy(where.sun_path, path.data(), path.size());
+  REQUIRE(::bind(listener, reinterpret_cast<sockaddr*>(&where), sizeof where) == 0);
+  REQUIRE(::listen(listener, 64) == 0);
+  int accepted = 0;
+  aet::IoWatcher accepting = loop.io(listener, aet::io_read, [&](unsigned) {
+    for (int fd; (fd = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC)) >= 0;) {
+      ++accepted;
+      ::close(fd);
+    }
+  });
+  {
+    aet::ClientOptions co;
+    co.connect = "unix:" + path;
+    co.min_workers = 2;
+    aet::Client client(loop, co);
+    REQUIRE_FALSE(run_until(loop, [] { return false; }, 1));
+    // Two at start, then at most two per 0.2 s retry.
+    INFO(accepted << " connections in 1 s");
+    REQUIRE(accepted >= 2);
+    REQUIRE(accepted <= 14);
+  }
+  accepting.reset();
+  ::close(listener);
+}
+
 TEST_CASE("an idle worker killed with SIGKILL is replaced without any checkout failing") {
   Rig rig;
   aet::TaskServer server = rig.start();
