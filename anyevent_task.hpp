@@ -1287,10 +1287,10 @@ struct ClientOptions {
   std::string name{};                   // in frame names; empty: the connect string
   unsigned min_workers = 2;             // kept connected; capped at max_workers
   unsigned max_workers = 20;            // connected or connecting, at most
-  // Seconds each call may take, counted from when it is queued (or, behind
-  // an earlier call of the same checkout, from that call's reply) until its
-  // reply; waiting for a worker counts. On expiry the worker is dropped and
-  // the checkout fails with TimeoutError. aet::forever: no limit.
+  // Seconds each call may take, counted from when it is queued until its
+  // reply; waiting for a worker, and behind earlier calls of the same
+  // checkout, counts. On expiry the worker is dropped and the checkout fails
+  // with TimeoutError. aet::forever: no limit.
   double timeout = 30;
   unsigned max_checkouts = 0;           // checkouts a worker serves; 0: unlimited
   bool dont_refork_after_error = false;  // keep a worker whose checkout got an error reply
@@ -5059,6 +5059,7 @@ struct ClientCall {
   std::string frame;
   Checkout::Callback callback;
   FrameContext context;
+  double deadline = -1;  // monotonic seconds: when queued plus the timeout; < 0: none
 };
 
 inline std::string encode_call(const std::optional<std::string>& method, Json args) {
@@ -5523,10 +5524,12 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     send(*core.worker, call.frame);
   }
 
+  // Arms the checkout's timer for the deadline of its first call.
   void arm_timeout(const std::shared_ptr<CheckoutCore>& core) {
-    if (core->timeout < 0) return;  // aet::forever
+    const double deadline = core->calls.front().deadline;
+    if (deadline < 0) return;  // aet::forever
     std::weak_ptr<CheckoutCore> weak = core;
-    core->timeout_timer = Timer(host, core->timeout, 0, [weak] {
+    core->timeout_timer = Timer(host, deadline - monotonic_seconds(), 0, [weak] {
       auto core = weak.lock();
       if (!core || !core->client || core->client->closed) return;
       std::shared_ptr<ClientState> self = core->client->shared_from_this();
@@ -5541,6 +5544,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       doom_later(core, std::move(call));
       return;
     }
+    if (core->timeout >= 0) call.deadline = monotonic_seconds() + core->timeout;
     core->calls.push_back(std::move(call));
     if (!core->timeout_timer) arm_timeout(core);
     if (core->worker) {

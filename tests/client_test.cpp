@@ -632,16 +632,44 @@ TEST_CASE("each call gets its own timeout") {
   options.timeout = 0.6;
   int done = 0;
   Caught caught;
-  aet::frame_try(
-      [&] {
-        aet::Checkout c = client.checkout(options);
-        // Three calls of 0.3 s each: 0.9 s in all, each well within 0.6 s.
-        for (int i = 0; i < 3; ++i) c.call("sleep", {0.3}, [&](aet::Checkout&, Json) { ++done; });
-      },
-      catch_into(caught));
+  // Three calls of 0.3 s each, each made from the previous one's callback:
+  // 0.9 s in all, each well within 0.6 s.
+  std::function<void(aet::Checkout&, Json)> next = [&](aet::Checkout& c, Json) {
+    if (++done < 3) c.call("sleep", {0.3}, next);
+  };
+  aet::frame_try([&] { client.checkout(options).call("sleep", {0.3}, next); }, catch_into(caught));
   REQUIRE(run_until(loop, [&] { return done == 3 || caught.count > 0; }));
   INFO(caught.what);
   REQUIRE(caught.count == 0);
+}
+
+TEST_CASE("a call's timeout runs from when it is queued, waiting behind an earlier call included") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::Client client(loop, rig.client_options());
+  call_and_wait(loop, client, "pid");  // the workers are up
+  aet::CheckoutOptions options;
+  options.timeout = 1;
+  bool first_done = false, second_done = false;
+  Caught caught;
+  const double start = now();
+  aet::frame_try(
+      [&] {
+        aet::Checkout c = client.checkout(options);
+        c.call("sleep", {0.7}, [&](aet::Checkout&, Json) { first_done = true; });
+        c.call("sleep", {0.7}, [&](aet::Checkout&, Json) { second_done = true; });
+      },
+      catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return caught.count > 0 || second_done; }, 5));
+  const double took = now() - start;
+  INFO(caught.what);
+  REQUIRE(first_done);
+  REQUIRE_FALSE(second_done);
+  REQUIRE(caught.what == "timed out after 1 seconds");
+  REQUIRE(caught.kind == "timeout");
+  REQUIRE(took >= 0.99);
+  REQUIRE(took < 1.3);
 }
 
 TEST_CASE("a call that outlives hung_worker_timeout fails with `worker connection suddenly died`") {
