@@ -1224,8 +1224,10 @@ class TaskServer {
   pid_t pid() const noexcept { return pid_; }
   const std::string& address() const noexcept { return address_; }
   int port() const noexcept { return port_; }  // 0 for Unix sockets
-  // Ends the server (as SIGTERM would) and reaps it; after 5 s it is
-  // killed. Idempotent.
+  // Ends the server (as SIGTERM would) and reaps it. Busy workers finish
+  // their calls first, so this can take up to 5 s; then the server and
+  // every worker (the server process leads its own process group) are
+  // killed with SIGKILL. Idempotent.
   void stop() noexcept;
 
  private:
@@ -4937,7 +4939,11 @@ inline void TaskServer::stop() noexcept {
         break;
       }
     }
-    if (!ended) ::kill(pid_, SIGKILL);
+    if (!ended) {
+      // The whole group: busy workers must not outlive their server.
+      ::kill(-pid_, SIGKILL);
+      ::kill(pid_, SIGKILL);
+    }
     int status = 0;
     while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
     }
@@ -4968,6 +4974,9 @@ inline TaskServer fork_task_server(ServerOptions options) {
         si::reset_signal_dispositions();
         si::running_server.store(nullptr);
         si::unblock_all_signals();
+        // A group of its own, which its workers join: stop() can kill them
+        // all when they do not end in time.
+        ::setpgid(0, 0);
 #ifdef __linux__
         prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0);
 #endif

@@ -221,6 +221,12 @@ aet::Methods test_methods() {
          aet::logger().warn(args[0]);
          throw std::runtime_error("after logging");
        }},
+      {"mark_and_sleep",
+       [](const Json& args) {
+         std::ofstream(args[0].as_string()) << ::getpid();
+         std::this_thread::sleep_for(std::chrono::duration<double>(args[1].as_double()));
+         return Json("slept");
+       }},
       {"log_bad_utf8",
        [](const Json&) {
          aet::logger().info(std::string("\xff\xfe"));
@@ -1001,6 +1007,27 @@ TEST_CASE("a fork_task_server ends when its handle is dropped") {
   CHECK_FALSE(aet_test::process_alive(pid));
   CHECK_FALSE(aet_test::process_zombie(pid));
   CHECK_FALSE(path_exists(path));
+}
+
+TEST_CASE("dropping a TaskServer kills, after 5 s, a worker still busy with its server") {
+  TempDir dir;
+  aet::ServerOptions options = options_for(dir.unix_address());
+  options.hung_worker_timeout = 0;  // the server itself would wait for ever
+  const std::string marker = dir.file("worker-pid");
+  pid_t worker = -1;
+  double dropped_at = 0;
+  {
+    auto server = aet::fork_task_server(options);
+    Wire busy(server.address());
+    busy.send(Json::array({"do", Json::object(), "mark_and_sleep", marker, 20}));
+    REQUIRE(eventually([&] { return path_exists(marker) && (std::ifstream(marker) >> worker); }, 5));
+    REQUIRE(aet_test::process_alive(worker));
+    dropped_at = monotonic_now();
+  }
+  const double took = monotonic_now() - dropped_at;
+  CHECK(took >= 4.9);
+  CHECK(took < 6.5);
+  CHECK(eventually([&] { return !aet_test::process_alive(worker); }, 1));
 }
 
 TEST_CASE("a moved TaskServer keeps its server; the moved-from handle does nothing") {
