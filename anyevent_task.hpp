@@ -1391,7 +1391,8 @@ class Checkout {
 class Client {
  public:
   // Resolves the address (throws aet::Error for a bad one) and starts
-  // connecting min(min_workers, max_workers) workers.
+  // connecting min(min_workers, max_workers) workers. Each connect tries
+  // every address the name resolved to, in turn.
   Client(EventHost& host, ClientOptions options);
   ~Client();
   Client(const Client&) = delete;
@@ -3638,6 +3639,58 @@ inline std::string quoted_for_message(const std::string& s) {
   return s.size() > 40 ? out + "..." : out;
 }
 
+// An address of the wire protocol as ServerOptions::listen and
+// ClientOptions::connect spell it. One parser for both sides, so that they
+// accept and refuse the same strings.
+struct SocketAddress {
+  bool is_unix = false;
+  std::string path;  // unix
+  std::string host;  // tcp, without brackets
+  std::string port;  // tcp, decimal
+};
+
+// The address as error messages show it: a NUL byte (which would end
+// what()) reads \0.
+inline std::string printable_address(const std::string& text) {
+  std::string shown;
+  for (char c : text) shown += c == '\0' ? std::string("\\0") : std::string(1, c);
+  return shown;
+}
+
+// "unix:PATH", "tcp:HOST:PORT" or "tcp:[V6]:PORT"; throws aet::Error
+// saying what is wrong (the caller names the address and the side).
+inline SocketAddress parse_socket_address(const std::string& text) {
+  SocketAddress address;
+  if (text.compare(0, 5, "unix:") == 0) {
+    address.is_unix = true;
+    address.path = text.substr(5);
+    if (address.path.empty()) throw Error("empty socket path");
+    if (address.path.size() >= sizeof(sockaddr_un{}.sun_path))
+      throw Error("socket path longer than " + std::to_string(sizeof(sockaddr_un{}.sun_path) - 1) + " bytes");
+    if (address.path.find('\0') != std::string::npos) throw Error("NUL byte in the socket path");
+    return address;
+  }
+  if (text.compare(0, 4, "tcp:") != 0) throw Error("expected unix:PATH or tcp:HOST:PORT");
+  std::string rest = text.substr(4);
+  auto colon = rest.rfind(':');
+  if (colon == std::string::npos) throw Error("expected tcp:HOST:PORT");
+  address.host = rest.substr(0, colon);
+  address.port = rest.substr(colon + 1);
+  if (!address.host.empty() && address.host.front() == '[') {
+    if (address.host.size() < 3 || address.host.back() != ']')
+      throw Error("unbalanced brackets around the IPv6 address");
+    address.host = address.host.substr(1, address.host.size() - 2);
+  } else if (address.host.find(':') != std::string::npos) {
+    throw Error("an IPv6 address needs brackets: tcp:[ADDRESS]:PORT");
+  }
+  if (address.host.empty()) throw Error("missing host");
+  if (address.host.find('\0') != std::string::npos) throw Error("NUL byte in the host");
+  if (address.port.empty() || address.port.size() > 5 ||
+      address.port.find_first_not_of("0123456789") != std::string::npos || std::stoul(address.port) > 65535)
+    throw Error("port must be a number from 0 to 65535");
+  return address;
+}
+
 inline void check_length(const char* command, std::size_t got, std::size_t expected) {
   if (got != expected)
     throw ProtocolError(std::string("\"") + command + "\" message has " + std::to_string(got) +
@@ -3972,47 +4025,14 @@ inline void install_handler(int sig, void (*handler)(int), int flags) noexcept {
 
 // ---- addresses ----
 
-struct ListenAddress {
-  bool is_unix = false;
-  std::string path;  // unix
-  std::string host;  // tcp, without brackets
-  std::string port;  // tcp, decimal
-};
+using ListenAddress = SocketAddress;
 
 inline ListenAddress parse_listen_address(const std::string& text) {
-  auto bad = [&text](const std::string& why) {
-    return ServerError("bad listen address \"" + text + "\": " + why);
-  };
-  ListenAddress address;
-  if (text.compare(0, 5, "unix:") == 0) {
-    address.is_unix = true;
-    address.path = text.substr(5);
-    if (address.path.empty()) throw bad("empty socket path");
-    if (address.path.size() >= sizeof(sockaddr_un{}.sun_path))
-      throw bad("socket path longer than " + std::to_string(sizeof(sockaddr_un{}.sun_path) - 1) +
-                " bytes");
-    if (address.path.find('\0') != std::string::npos) throw bad("NUL byte in the socket path");
-    return address;
+  try {
+    return parse_socket_address(text);
+  } catch (const Error& e) {
+    throw ServerError("bad listen address \"" + printable_address(text) + "\": " + e.what());
   }
-  if (text.compare(0, 4, "tcp:") != 0) throw bad("expected unix:PATH or tcp:HOST:PORT");
-  std::string rest = text.substr(4);
-  auto colon = rest.rfind(':');
-  if (colon == std::string::npos) throw bad("expected tcp:HOST:PORT");
-  address.host = rest.substr(0, colon);
-  address.port = rest.substr(colon + 1);
-  if (!address.host.empty() && address.host.front() == '[') {
-    if (address.host.size() < 3 || address.host.back() != ']')
-      throw bad("unbalanced brackets around the IPv6 address");
-    address.host = address.host.substr(1, address.host.size() - 2);
-  } else if (address.host.find(':') != std::string::npos) {
-    throw bad("an IPv6 address needs brackets: tcp:[ADDRESS]:PORT");
-  }
-  if (address.host.empty()) throw bad("missing host");
-  if (address.port.empty() || address.port.size() > 5 ||
-      address.port.find_first_not_of("0123456789") != std::string::npos ||
-      std::stoul(address.port) > 65535)
-    throw bad("port must be a number from 0 to 65535");
-  return address;
 }
 
 inline std::string describe_bound_tcp(int fd, int& port) {
@@ -5007,58 +5027,53 @@ inline TaskServer fork_task_server(ServerOptions options) {
 namespace aet {
 namespace detail {
 
-// Where a client connects, resolved once when the client is made.
+// Where a client connects, resolved once when the client is made: one
+// address for a Unix socket, every getaddrinfo result for TCP (tried in
+// turn when connecting).
 struct ClientAddress {
   sockaddr_storage storage{};
   socklen_t length = 0;
   int family = AF_UNSPEC;
 };
 
-inline ClientAddress resolve_client_address(const std::string& connect) {
+inline std::vector<ClientAddress> resolve_client_addresses(const std::string& connect) {
   auto bad = [&](const std::string& why) {
-    return Error("aet::Client: bad connect address \"" + connect + "\": " + why);
+    return Error("aet::Client: bad connect address \"" + printable_address(connect) + "\": " + why);
   };
-  ClientAddress address;
-  if (connect.compare(0, 5, "unix:") == 0) {
-    const std::string path = connect.substr(5);
+  SocketAddress parsed;
+  try {
+    parsed = parse_socket_address(connect);
+  } catch (const Error& e) {
+    throw bad(e.what());
+  }
+  std::vector<ClientAddress> addresses;
+  if (parsed.is_unix) {
     sockaddr_un un{};
-    if (path.empty()) throw bad("empty path");
-    if (path.size() >= sizeof(un.sun_path)) throw bad("path too long");
     un.sun_family = AF_UNIX;
-    std::memcpy(un.sun_path, path.data(), path.size());
+    std::memcpy(un.sun_path, parsed.path.data(), parsed.path.size());
+    ClientAddress& address = addresses.emplace_back();
     std::memcpy(&address.storage, &un, sizeof(un));
-    address.length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
+    address.length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + parsed.path.size() + 1);
     address.family = AF_UNIX;
-    return address;
+    return addresses;
   }
-  if (connect.compare(0, 4, "tcp:") != 0) throw bad("expected unix:PATH, tcp:HOST:PORT or tcp:[V6]:PORT");
-  const std::string rest = connect.substr(4);
-  std::string host, port;
-  if (!rest.empty() && rest[0] == '[') {
-    const std::size_t close = rest.find(']');
-    if (close == std::string::npos || close + 1 >= rest.size() || rest[close + 1] != ':')
-      throw bad("expected tcp:[V6]:PORT");
-    host = rest.substr(1, close - 1);
-    port = rest.substr(close + 2);
-  } else {
-    const std::size_t colon = rest.rfind(':');
-    if (colon == std::string::npos) throw bad("expected tcp:HOST:PORT");
-    host = rest.substr(0, colon);
-    port = rest.substr(colon + 1);
-  }
-  if (host.empty() || port.empty()) throw bad("expected tcp:HOST:PORT");
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_NUMERICSERV;
   addrinfo* found = nullptr;
-  const int rc = ::getaddrinfo(host.c_str(), port.c_str(), &hints, &found);
+  const int rc = ::getaddrinfo(parsed.host.c_str(), parsed.port.c_str(), &hints, &found);
   if (rc != 0 || !found) throw bad(::gai_strerror(rc));
-  std::memcpy(&address.storage, found->ai_addr, found->ai_addrlen);
-  address.length = static_cast<socklen_t>(found->ai_addrlen);
-  address.family = found->ai_family;
-  ::freeaddrinfo(found);
-  return address;
+  std::unique_ptr<addrinfo, void (*)(addrinfo*)> results(found, ::freeaddrinfo);
+  for (const addrinfo* ai = found; ai; ai = ai->ai_next) {
+    if (ai->ai_addrlen > sizeof(sockaddr_storage)) continue;
+    ClientAddress& address = addresses.emplace_back();
+    std::memcpy(&address.storage, ai->ai_addr, ai->ai_addrlen);
+    address.length = static_cast<socklen_t>(ai->ai_addrlen);
+    address.family = ai->ai_family;
+  }
+  if (addresses.empty()) throw bad("no usable address");
+  return addresses;
 }
 
 // One queued call: its frame is encoded when queued (a value JSON cannot
@@ -5134,6 +5149,7 @@ struct ClientWorker {
   FrameDecoder decoder;
   CheckoutCore* checkout = nullptr;  // the checkout holding it, if any
   bool held = false;  // ever handed to a checkout; dying before counts as a failed connect
+  std::size_t address_index = 0;  // in ClientState::addresses, while connecting
   unsigned served = 0;               // checkouts released cleanly
   unsigned checkout_limit = 0;       // its own max_checkouts; 0: unlimited
   std::list<std::shared_ptr<ClientWorker>>::iterator position;  // in ClientState::workers
@@ -5185,7 +5201,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       : host(event_host),
         options(std::move(client_options)),
         name(options.name.empty() ? options.connect : options.name),
-        address(resolve_client_address(options.connect)),
+        addresses(resolve_client_addresses(options.connect)),
         done_frame(encode_frame(Json{"dn", Json::object()})),
         read_buffer(64 * 1024),
         random(random_seed(this)) {
@@ -5200,7 +5216,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   EventHost& host;
   ClientOptions options;
   std::string name;
-  ClientAddress address;
+  std::vector<ClientAddress> addresses;  // tried in turn by each connect
   std::string done_frame;
   std::vector<char> read_buffer;  // shared by every worker: reads never overlap
   std::minstd_rand random;        // draws each worker's checkout limit
@@ -5304,19 +5320,11 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   int connect_worker() {
     auto worker = std::make_shared<ClientWorker>(options.max_frame);
     worker->checkout_limit = draw_checkout_limit(options.max_checkouts, options.max_checkouts_jitter, random);
-    const int fd = ::socket(address.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) return -1;
-    worker->fd = fd;
-    if (address.family != AF_UNIX) {
-      const int one = 1;
-      ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));  // best effort
-    }
-    int rc = ::connect(fd, reinterpret_cast<const sockaddr*>(&address.storage), address.length);
-    // EINTR: the connection goes on asynchronously, as with EINPROGRESS.
-    if (rc < 0 && errno != EINPROGRESS && errno != EINTR) return -1;
+    const int started = start_connect(*worker, 0);
+    if (started < 0) return -1;
     workers.push_back(worker);
     worker->position = std::prev(workers.end());
-    if (rc == 0) {
+    if (started == 0) {
       worker->connecting = false;
       watch(worker, io_read);
       idle.push_back(worker.get());
@@ -5325,6 +5333,30 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     ++connecting;
     watch(worker, io_write);
     return 0;
+  }
+
+  // Gives the worker a socket connecting to the first address, from
+  // `first` on, that does not fail at once. 0: connected; 1: connecting;
+  // -1: every one failed.
+  int start_connect(ClientWorker& worker, std::size_t first) {
+    for (std::size_t i = first; i < addresses.size(); ++i) {
+      worker.close_now();
+      const ClientAddress& address = addresses[i];
+      worker.address_index = i;
+      const int fd = ::socket(address.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+      if (fd < 0) continue;
+      worker.fd = fd;
+      if (address.family != AF_UNIX) {
+        const int one = 1;
+        ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));  // best effort
+      }
+      const int rc = ::connect(fd, reinterpret_cast<const sockaddr*>(&address.storage), address.length);
+      if (rc == 0) return 0;
+      // EINTR: the connection goes on asynchronously, as with EINPROGRESS.
+      if (errno == EINPROGRESS || errno == EINTR) return 1;
+    }
+    worker.close_now();
+    return -1;
   }
 
   void watch(const std::shared_ptr<ClientWorker>& worker, unsigned events) {
@@ -5371,14 +5403,24 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     socklen_t length = sizeof(error);
     if (::getsockopt(worker->fd, SOL_SOCKET, SO_ERROR, &error, &length) < 0) error = errno;
     if (error == EINPROGRESS || error == EALREADY) return;
+    if (error != 0) {
+      // On to the next resolved address; a failed connect when none is left.
+      const int started = start_connect(*worker, worker->address_index + 1);
+      if (started < 0) {
+        drop_worker(*worker);
+        arm_retry();
+        return;
+      }
+      if (started > 0) {
+        watch(worker, io_write);
+        return;
+      }
+      watch(worker, io_read);
+    } else {
+      worker->watcher.set_events(io_read);
+    }
     --connecting;
     worker->connecting = false;
-    if (error != 0) {
-      drop_worker(*worker);
-      arm_retry();
-      return;
-    }
-    worker->watcher.set_events(io_read);
     idle.push_back(worker.get());
     pump();
   }

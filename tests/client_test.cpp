@@ -2,9 +2,12 @@
 // each against a real forked server.
 #include <catch2/catch.hpp>
 
+#include <sched.h>
 #include <signal.h>
+#include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -964,6 +967,129 @@ TEST_CASE("a client connects over TCP, IPv4 and IPv6") {
     aet::Client client(loop, co);
     REQUIRE(call_and_wait(loop, client, "echo", {"over tcp"}) == Json{"over tcp"});
   }
+}
+
+TEST_CASE("the client and the server accept and refuse the same addresses, for the same reason") {
+  // What follows `PREFIX "ADDRESS": `, or "accepted".
+  auto reason = [](const std::string& what, std::string address) {
+    for (std::size_t nul; (nul = address.find('\0')) != std::string::npos;) address.replace(nul, 1, "\\0");
+    const std::string quoted = "\"" + address + "\": ";
+    const std::size_t at = what.find(quoted);
+    return at == std::string::npos ? "unexpected message: " + what : what.substr(at + quoted.size());
+  };
+  auto server_says = [&](const std::string& address) {
+    try {
+      aet::ServerOptions so;
+      so.listen = address;
+      so.interface = standard_methods();
+      aet::Server server(so);
+    } catch (const aet::ServerError& e) {
+      return reason(e.what(), address);
+    }
+    return std::string("accepted");
+  };
+  aet::Loop loop;
+  auto client_says = [&](const std::string& address) {
+    try {
+      aet::ClientOptions co;
+      co.connect = address;
+      aet::Client client(loop, co);
+    } catch (const aet::Error& e) {
+      return reason(e.what(), address);
+    }
+    return std::string("accepted");
+  };
+  const std::vector<std::string> refused = {
+      "nonsense", "", "unix:", "unix:/tmp/" + std::string(200, 'x'), std::string("unix:/tmp/a\0b", 13),
+      "tcp:127.0.0.1", "tcp:::1:7000", "tcp::::1:80", "tcp:127.0.0.1:99999", "tcp:127.0.0.1:http",
+      "tcp::80", "tcp:[::1:80", "tcp:[]:80", "tcp:127.0.0.1:", "udp:127.0.0.1:80",
+  };
+  for (const std::string& address : refused) {
+    INFO("address: " << address);
+    const std::string server = server_says(address);
+    CHECK(server != "accepted");
+    CHECK(server.rfind("unexpected", 0) != 0);
+    CHECK(client_says(address) == server);
+  }
+  aet_test::TempDir dir;
+  for (const std::string& address : {dir.unix_address(), std::string("tcp:127.0.0.1:0")}) {
+    INFO("address: " << address);
+    CHECK(server_says(address) == "accepted");
+    CHECK(client_says(address) == "accepted");
+  }
+}
+
+namespace {
+
+// Runs `body` in a forked child, returns its exit status (-1 if it did not
+// end within `limit` seconds; it is killed then).
+int exit_status_of_child(const std::function<int()>& body, double limit) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    int code = 99;
+    try {
+      code = body();
+    } catch (...) {
+      code = 98;
+    }
+    ::_exit(code);
+  }
+  int status = 0;
+  if (!aet_test::eventually([&] { return ::waitpid(pid, &status, WNOHANG) == pid; }, limit)) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, &status, 0);
+    return -1;
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+}  // namespace
+
+TEST_CASE("a host name with IPv6 and IPv4 addresses reaches a server on either family") {
+  // The name comes from a private /etc/hosts, bind-mounted in a mount
+  // namespace of the child's own: it resolves to ::1 and to 127.0.0.1.
+  aet_test::TempDir dir;
+  const std::string hosts = dir.file("hosts");
+  std::ofstream(hosts) << "::1 aet-dual-stack.test\n127.0.0.1 aet-dual-stack.test\n";
+  const int status = exit_status_of_child(
+      [&] {
+        if (::unshare(CLONE_NEWNS) != 0) return 77;
+        if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) return 77;
+        if (::mount(hosts.c_str(), "/etc/hosts", nullptr, MS_BIND, nullptr) != 0) return 77;
+        int served = 0;
+        for (const char* listen : {"tcp:127.0.0.1:0", "tcp:[::1]:0"}) {
+          aet::ServerOptions so;
+          so.listen = listen;
+          so.interface = standard_methods();
+          std::optional<aet::TaskServer> server;
+          try {
+            server.emplace(aet::fork_task_server(so));
+          } catch (const aet::ServerError&) {
+            continue;  // no IPv6 loopback here
+          }
+          aet::Loop loop;
+          aet::ClientOptions co;
+          co.connect = "tcp:aet-dual-stack.test:" + std::to_string(server->port());
+          co.min_workers = 1;
+          co.timeout = 5;
+          aet::Client client(loop, co);
+          std::optional<Json> result;
+          bool failed = false;
+          aet::frame_try(
+              [&] { client.checkout().call("echo", {listen}, [&](aet::Checkout&, Json r) { result = r; }); },
+              [&](const std::exception&, const std::string&) { failed = true; });
+          if (!run_until(loop, [&] { return result.has_value() || failed; }, 8)) return 2;
+          if (failed || *result != Json{listen}) return 3;
+          ++served;
+        }
+        return served >= 1 ? 0 : 4;
+      },
+      30);
+  if (status == 77) {
+    WARN("no private mount namespace here (needs root): the dual-stack name is not tested");
+    return;
+  }
+  REQUIRE(status == 0);
 }
 
 TEST_CASE("a large call and reply go through partial writes") {
