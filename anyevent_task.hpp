@@ -1288,7 +1288,7 @@ struct ClientOptions {
   std::string connect{};                // as ServerOptions::listen
   std::string name{};                   // in frame names; empty: the connect string
   unsigned min_workers = 2;             // kept connected; capped at max_workers
-  unsigned max_workers = 20;            // connected or connecting, at most
+  unsigned max_workers = 20;            // connected or connecting, at most; at least 1
   // Seconds each call may take, counted from when it is queued until its
   // reply; waiting for a worker, and behind earlier calls of the same
   // checkout, counts. On expiry the worker is dropped and the checkout fails
@@ -1390,7 +1390,8 @@ class Checkout {
 // checkouts and calls silently (their callbacks never run).
 class Client {
  public:
-  // Resolves the address (throws aet::Error for a bad one) and starts
+  // Throws aet::Error for max_workers 0. Resolves the address (throws
+  // aet::Error for a bad one) and starts
   // connecting min(min_workers, max_workers) workers. Each connect tries
   // every address the name resolved to, in turn.
   Client(EventHost& host, ClientOptions options);
@@ -1426,6 +1427,17 @@ inline SystemError::SystemError(const std::string& what, int code)
     : Error(what + ": " + std::system_category().message(code)), code_(code) {}
 
 namespace detail {
+
+// The library's one clock, CLOCK_MONOTONIC: in whole nanoseconds for the
+// loop (integer deadlines, so a repeating timer's grid never drifts and
+// timeouts round exactly), in seconds for everything else.
+inline std::int64_t monotonic_ns() noexcept {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);  // cannot fail for this clock
+  return static_cast<std::int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+inline double monotonic_seconds() noexcept { return static_cast<double>(monotonic_ns()) / 1e9; }
 
 // One frame. Frames form a tree through parent pointers: a callback made
 // inside a frame holds a child of it, so sibling callbacks are independent
@@ -3022,11 +3034,6 @@ inline double epoch_seconds() {
   return duration<double>(system_clock::now().time_since_epoch()).count();
 }
 
-inline double monotonic_seconds() {
-  using namespace std::chrono;
-  return duration<double>(steady_clock::now().time_since_epoch()).count();
-}
-
 struct LogDeferTimer {
   Json name;
   double start;
@@ -3276,14 +3283,6 @@ inline Json end_request_log() {
 
 namespace aet {
 namespace detail {
-
-// Monotonic time in nanoseconds: integer deadlines, so a repeating timer's
-// grid never drifts and timeouts round exactly.
-inline std::int64_t monotonic_ns() noexcept {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);  // cannot fail for this clock
-  return static_cast<std::int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
-}
 
 // A delay in seconds as nanoseconds, rounded up so nothing fires early;
 // negative means now; capped at ~31 years so deadline sums cannot overflow.
@@ -3614,11 +3613,7 @@ inline void Loop::run() {
 
 inline void Loop::stop() { state_->stop_requested = true; }
 
-inline double Loop::now() {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) / 1e9;
-}
+inline double Loop::now() { return detail::monotonic_seconds(); }
 
 }  // namespace aet
 
@@ -3880,12 +3875,6 @@ inline std::atomic<ServerState*> running_server{nullptr};
 
 inline std::string errno_text(int error) { return std::strerror(error); }
 
-inline double monotonic_seconds() noexcept {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
-}
-
 inline std::string format_seconds(double seconds) {
   char text[32];
   std::snprintf(text, sizeof text, "%g", seconds);
@@ -4120,8 +4109,11 @@ inline OwnedFd listen_unix(const std::string& path, unsigned mode, UnixSocketFil
       throw ServerError("cannot set the mode of the socket for " + text + ": " + errno_text(errno));
     if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&where), sizeof where) == 0) {
       struct stat st {};
-      if (::lstat(path.c_str(), &st) != 0)
-        throw ServerError("cannot stat " + path + " after bind: " + errno_text(errno));
+      if (::lstat(path.c_str(), &st) != 0) {
+        int error = errno;
+        ::unlink(path.c_str());
+        throw ServerError("cannot stat " + path + " after bind: " + errno_text(error));
+      }
       file.device = st.st_dev;
       file.inode = st.st_ino;
       // The umask may have narrowed the mode; the option says it exactly.
@@ -4314,11 +4306,10 @@ class WorkerRequests {
   WorkerRequests(const ServerOptions& options, std::string log_prefix, HungTimer* timer)
       : options_(options), prefix_(std::move(log_prefix)), timer_(timer) {}
 
-  // One decoded message: the reply frame for a "do", an empty string for a
-  // "dn" (nothing to send). ProtocolError for what a client must not send.
+  // One message from FrameDecoder (so its shape is checked already): the
+  // reply frame for a "do", an empty string for a "dn" (nothing to send).
+  // ProtocolError for what a client must not send.
   std::string handle(Json& message) {
-    if (!message.is_array() || message.size() < 2 || !message[0].is_string())
-      throw ProtocolError("malformed message");
     const std::string& command = message[0].as_string();
     if (command == "do") return request(message);
     if (command == "dn") {
@@ -4944,9 +4935,9 @@ inline void TaskServer::stop() noexcept {
       // Our end half-closed: the server sees EOF and stops; its end closes
       // when its process exits, which we see as EOF in turn.
       ::shutdown(keepalive_fd_, SHUT_WR);
-      const double deadline = si::monotonic_seconds() + 5;
+      const double deadline = detail::monotonic_seconds() + 5;
       for (;;) {
-        double left = deadline - si::monotonic_seconds();
+        double left = deadline - detail::monotonic_seconds();
         if (left <= 0) break;
         pollfd gone{keepalive_fd_, POLLIN, 0};
         int ready = ::poll(&gone, 1, static_cast<int>(left * 1000) + 1);
@@ -5119,7 +5110,7 @@ inline unsigned draw_checkout_limit(unsigned max_checkouts, double jitter, std::
 }
 
 inline std::minstd_rand::result_type random_seed(const void* salt) {
-  const auto now = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+  const auto now = static_cast<std::uint64_t>(monotonic_ns());
   const auto mixed = now ^ static_cast<std::uint64_t>(::getpid()) << 32 ^ reinterpret_cast<std::uintptr_t>(salt);
   return static_cast<std::minstd_rand::result_type>(mixed % 2147483646u + 1);  // never 0
 }
@@ -5524,11 +5515,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       worker_failed(worker, "protocol error: a reply with no call in flight");
       return;
     }
-    if (!message.is_array() || message.size() < 3 || !message[0].is_string() ||
-        !message[1].is_object()) {
-      worker_failed(worker, "protocol error: malformed reply from the worker");
-      return;
-    }
+    // FrameDecoder checked the shape: ok and er are [kind, {meta}, payload].
     const std::string kind = message[0].as_string();
     if (kind != "ok" && kind != "er") {
       worker_failed(worker, "protocol error: unexpected \"" + kind + "\" message from the worker");
@@ -5561,7 +5548,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     core->had_error = true;
     CallQueue discarded = std::move(core->calls);
     core->calls.clear();
-    const std::string text = payload.is_string() ? payload.as_string() : payload.dump();
+    const std::string text = payload.as_string();  // a string: FrameDecoder checked it
     deliver_error(core, std::move(call), std::make_exception_ptr(RemoteError(text)),
                   std::move(discarded));
   }
@@ -5880,8 +5867,18 @@ inline void Checkout::throw_fatal_error(const std::string& message) {
 
 // -- Client --
 
+namespace detail {
+
+// No worker at all would make every checkout time out: refused up front.
+inline ClientOptions checked_client_options(ClientOptions options) {
+  if (options.max_workers == 0) throw Error("aet::Client: max_workers must be at least 1");
+  return options;
+}
+
+}  // namespace detail
+
 inline Client::Client(EventHost& host, ClientOptions options)
-    : state_(std::make_shared<detail::ClientState>(host, std::move(options))) {
+    : state_(std::make_shared<detail::ClientState>(host, detail::checked_client_options(std::move(options)))) {
   state_->pump();
 }
 

@@ -675,6 +675,34 @@ TEST_CASE("a call's timeout runs from when it is queued, waiting behind an earli
   REQUIRE(took < 1.3);
 }
 
+TEST_CASE("with timeout aet::forever a call longer than a short default still succeeds") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  SECTION("the client's timeout") {
+    aet::ClientOptions co = rig.client_options();
+    co.timeout = aet::forever;
+    aet::Client client(loop, co);
+    REQUIRE(call_and_wait(loop, client, "sleep", {0.4}).is_int());
+  }
+  SECTION("the checkout's timeout, over a short client timeout") {
+    aet::ClientOptions co = rig.client_options();
+    co.timeout = 0.1;
+    aet::Client client(loop, co);
+    aet::CheckoutOptions options;
+    options.timeout = aet::forever;
+    std::optional<Json> result;
+    Caught caught;
+    aet::frame_try(
+        [&] { client.checkout(options).call("sleep", {0.4}, [&](aet::Checkout&, Json r) { result = r; }); },
+        catch_into(caught));
+    REQUIRE(run_until(loop, [&] { return result.has_value() || caught.count > 0; }, 5));
+    INFO(caught.what);
+    REQUIRE(caught.count == 0);
+    REQUIRE(result->is_int());
+  }
+}
+
 TEST_CASE("a call that outlives hung_worker_timeout fails with `worker connection suddenly died`") {
   Rig rig;
   aet::ServerOptions so = rig.server_options();
@@ -920,6 +948,19 @@ TEST_CASE("past max_pending_checkouts checkout() throws OverloadError at once") 
   held.pop_back();  // still pending: its call keeps it
   REQUIRE(client.pending_checkout_count() == 3);
   REQUIRE_THROWS_AS(client.checkout(), aet::OverloadError);
+}
+
+TEST_CASE("max_workers 0 is refused by the Client constructor") {
+  aet::Loop loop;
+  aet::ClientOptions co;
+  co.connect = "unix:/nonexistent/s.sock";
+  co.max_workers = 0;
+  try {
+    aet::Client client(loop, co);
+    FAIL("a client with max_workers 0 was made");
+  } catch (const aet::Error& e) {
+    REQUIRE(std::string(e.what()) == "aet::Client: max_workers must be at least 1");
+  }
 }
 
 TEST_CASE("the pool opens min_workers at start and never more than max_workers") {
@@ -1318,4 +1359,22 @@ TEST_CASE("an idle worker that sends stray bytes is dropped and replaced, failin
   // replacing its worker.
   REQUIRE(run_until(loop, [&] { return fake.accepted >= 3; }));
   REQUIRE(client.worker_count() == 1);
+}
+
+TEST_CASE("unknown meta keys in a worker's reply are ignored") {
+  aet_test::TempDir dir;
+  aet::Loop loop;
+  FakeServer fake(loop, dir.file("fake.sock"));
+  fake.reply = [](const Json&) {
+    return aet::encode_frame(Json{"ok", Json::object({{"zz", 1}, {"ld2", Json::array({1, 2})}}), 5});
+  };
+  aet::ClientOptions co;
+  co.connect = "unix:" + dir.file("fake.sock");
+  co.min_workers = 1;
+  co.max_workers = 1;
+  co.timeout = 10;
+  aet::Client client(loop, co);
+  REQUIRE(call_and_wait(loop, client, "m") == 5);
+  REQUIRE(call_and_wait(loop, client, "m") == 5);  // the same worker, still in step
+  REQUIRE(fake.accepted == 1);
 }

@@ -938,6 +938,27 @@ TEST_CASE("SIGTERM stops accepting, removes the socket file and lets a busy work
   CHECK(eventually([&] { return !aet_test::process_alive(server.pid()); }, 5));
 }
 
+TEST_CASE("SIGINT stops the server like SIGTERM: the socket file goes and a busy worker replies") {
+  TempDir dir;
+  const std::string path = dir.file("s.sock");
+  const std::string marker = dir.file("worker-pid");
+  auto server = aet::fork_task_server(options_for("unix:" + path));
+  Wire idle(server.address());
+  Wire busy(server.address());
+  CHECK(idle.result(args({"echo"})) == Json::array());
+  busy.send(Json::array({"do", Json::object(), "mark_and_sleep", marker, 0.5}));
+  REQUIRE(eventually([&] { return path_exists(marker); }, 5));  // the request runs
+  REQUIRE(::kill(server.pid(), SIGINT) == 0);
+  CHECK(eventually([&] { return !path_exists(path); }, 5));
+  CHECK(connect_to("unix:" + path) < 0);
+  CHECK(idle.closes_within(2));
+  auto reply = busy.receive();
+  REQUIRE(reply);
+  CHECK((*reply)[2] == "slept");
+  CHECK(busy.closes_within(2));
+  CHECK(eventually([&] { return !aet_test::process_alive(server.pid()); }, 5));
+}
+
 TEST_CASE("a stopping server kills a worker still busy after hung_worker_timeout") {
   TempDir dir;
   aet::ServerOptions options = options_for(dir.unix_address());
