@@ -1234,8 +1234,10 @@ class TaskServer {
   pid_t pid() const noexcept { return pid_; }
   const std::string& address() const noexcept { return address_; }
   int port() const noexcept { return port_; }  // 0 for Unix sockets
-  // Ends the server (as SIGTERM would) and reaps it; after 5 s it is
-  // killed. Idempotent.
+  // Ends the server (as SIGTERM would) and reaps it. Busy workers finish
+  // their calls first, so this can take up to 5 s; then the server and
+  // every worker (the server process leads its own process group) are
+  // killed with SIGKILL. Idempotent.
   void stop() noexcept;
 
  private:
@@ -1296,11 +1298,11 @@ struct ClientOptions {
   std::string connect{};                // as ServerOptions::listen
   std::string name{};                   // in frame names; empty: the connect string
   unsigned min_workers = 2;             // kept connected; capped at max_workers
-  unsigned max_workers = 20;            // connected or connecting, at most
-  // Seconds each call may take, counted from when it is queued (or, behind
-  // an earlier call of the same checkout, from that call's reply) until its
-  // reply; waiting for a worker counts. On expiry the worker is dropped and
-  // the checkout fails with TimeoutError. aet::forever: no limit.
+  unsigned max_workers = 20;            // connected or connecting, at most; at least 1
+  // Seconds each call may take, counted from when it is queued until its
+  // reply; waiting for a worker, and behind earlier calls of the same
+  // checkout, counts. On expiry the worker is dropped and the checkout fails
+  // with TimeoutError. aet::forever: no limit.
   double timeout = 30;
   unsigned max_checkouts = 0;           // checkouts a worker serves; 0: unlimited
   bool dont_refork_after_error = false;  // keep a worker whose checkout got an error reply
@@ -1387,8 +1389,9 @@ class Checkout {
 // none is idle and fewer than max_workers exist (connecting ones count).
 // A failed connect is retried every 0.2 s while there is such demand, so
 // checkouts made before the server is up are served once it is, within
-// their timeout. An idle worker that dies is dropped at once and replaced
-// as needed. A worker is closed, never reused, after a fatal error on its
+// their timeout; a connection that dies before serving any checkout counts
+// as a failed connect. An idle worker that dies is dropped at once and
+// replaced as needed. A worker is closed, never reused, after a fatal error on its
 // checkout, after an error reply (unless dont_refork_after_error), or once
 // it served max_checkouts; otherwise a released checkout sends "dn" and
 // its worker goes back to the pool.
@@ -1397,8 +1400,10 @@ class Checkout {
 // checkouts and calls silently (their callbacks never run).
 class Client {
  public:
-  // Resolves the address (throws aet::Error for a bad one) and starts
-  // connecting min(min_workers, max_workers) workers.
+  // Throws aet::Error for max_workers 0. Resolves the address (throws
+  // aet::Error for a bad one) and starts
+  // connecting min(min_workers, max_workers) workers. Each connect tries
+  // every address the name resolved to, in turn.
   Client(EventHost& host, ClientOptions options);
   ~Client();
   Client(const Client&) = delete;
@@ -1432,6 +1437,17 @@ inline SystemError::SystemError(const std::string& what, int code)
     : Error(what + ": " + std::system_category().message(code)), code_(code) {}
 
 namespace detail {
+
+// The library's one clock, CLOCK_MONOTONIC: in whole nanoseconds for the
+// loop (integer deadlines, so a repeating timer's grid never drifts and
+// timeouts round exactly), in seconds for everything else.
+inline std::int64_t monotonic_ns() noexcept {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);  // cannot fail for this clock
+  return static_cast<std::int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+inline double monotonic_seconds() noexcept { return static_cast<double>(monotonic_ns()) / 1e9; }
 
 // One frame. Frames form a tree through parent pointers: a callback made
 // inside a frame holds a child of it, so sibling callbacks are independent
@@ -3058,11 +3074,6 @@ inline double epoch_seconds() {
   return duration<double>(system_clock::now().time_since_epoch()).count();
 }
 
-inline double monotonic_seconds() {
-  using namespace std::chrono;
-  return duration<double>(steady_clock::now().time_since_epoch()).count();
-}
-
 struct LogDeferTimer {
   Json name;
   double start;
@@ -3312,14 +3323,6 @@ inline Json end_request_log() {
 
 namespace aet {
 namespace detail {
-
-// Monotonic time in nanoseconds: integer deadlines, so a repeating timer's
-// grid never drifts and timeouts round exactly.
-inline std::int64_t monotonic_ns() noexcept {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);  // cannot fail for this clock
-  return static_cast<std::int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
-}
 
 // A delay in seconds as nanoseconds, rounded up so nothing fires early;
 // negative means now; capped at ~31 years so deadline sums cannot overflow.
@@ -3650,11 +3653,7 @@ inline void Loop::run() {
 
 inline void Loop::stop() { state_->stop_requested = true; }
 
-inline double Loop::now() {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) / 1e9;
-}
+inline double Loop::now() { return detail::monotonic_seconds(); }
 
 }  // namespace aet
 
@@ -3673,6 +3672,58 @@ inline std::string quoted_for_message(const std::string& s) {
     out = "(not UTF-8)";
   }
   return s.size() > 40 ? out + "..." : out;
+}
+
+// An address of the wire protocol as ServerOptions::listen and
+// ClientOptions::connect spell it. One parser for both sides, so that they
+// accept and refuse the same strings.
+struct SocketAddress {
+  bool is_unix = false;
+  std::string path;  // unix
+  std::string host;  // tcp, without brackets
+  std::string port;  // tcp, decimal
+};
+
+// The address as error messages show it: a NUL byte (which would end
+// what()) reads \0.
+inline std::string printable_address(const std::string& text) {
+  std::string shown;
+  for (char c : text) shown += c == '\0' ? std::string("\\0") : std::string(1, c);
+  return shown;
+}
+
+// "unix:PATH", "tcp:HOST:PORT" or "tcp:[V6]:PORT"; throws aet::Error
+// saying what is wrong (the caller names the address and the side).
+inline SocketAddress parse_socket_address(const std::string& text) {
+  SocketAddress address;
+  if (text.compare(0, 5, "unix:") == 0) {
+    address.is_unix = true;
+    address.path = text.substr(5);
+    if (address.path.empty()) throw Error("empty socket path");
+    if (address.path.size() >= sizeof(sockaddr_un{}.sun_path))
+      throw Error("socket path longer than " + std::to_string(sizeof(sockaddr_un{}.sun_path) - 1) + " bytes");
+    if (address.path.find('\0') != std::string::npos) throw Error("NUL byte in the socket path");
+    return address;
+  }
+  if (text.compare(0, 4, "tcp:") != 0) throw Error("expected unix:PATH or tcp:HOST:PORT");
+  std::string rest = text.substr(4);
+  auto colon = rest.rfind(':');
+  if (colon == std::string::npos) throw Error("expected tcp:HOST:PORT");
+  address.host = rest.substr(0, colon);
+  address.port = rest.substr(colon + 1);
+  if (!address.host.empty() && address.host.front() == '[') {
+    if (address.host.size() < 3 || address.host.back() != ']')
+      throw Error("unbalanced brackets around the IPv6 address");
+    address.host = address.host.substr(1, address.host.size() - 2);
+  } else if (address.host.find(':') != std::string::npos) {
+    throw Error("an IPv6 address needs brackets: tcp:[ADDRESS]:PORT");
+  }
+  if (address.host.empty()) throw Error("missing host");
+  if (address.host.find('\0') != std::string::npos) throw Error("NUL byte in the host");
+  if (address.port.empty() || address.port.size() > 5 ||
+      address.port.find_first_not_of("0123456789") != std::string::npos || std::stoul(address.port) > 65535)
+    throw Error("port must be a number from 0 to 65535");
+  return address;
 }
 
 inline void check_length(const char* command, std::size_t got, std::size_t expected) {
@@ -3864,12 +3915,6 @@ inline std::atomic<ServerState*> running_server{nullptr};
 
 inline std::string errno_text(int error) { return std::strerror(error); }
 
-inline double monotonic_seconds() noexcept {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
-}
-
 inline std::string format_seconds(double seconds) {
   char text[32];
   std::snprintf(text, sizeof text, "%g", seconds);
@@ -4009,47 +4054,14 @@ inline void install_handler(int sig, void (*handler)(int), int flags) noexcept {
 
 // ---- addresses ----
 
-struct ListenAddress {
-  bool is_unix = false;
-  std::string path;  // unix
-  std::string host;  // tcp, without brackets
-  std::string port;  // tcp, decimal
-};
+using ListenAddress = SocketAddress;
 
 inline ListenAddress parse_listen_address(const std::string& text) {
-  auto bad = [&text](const std::string& why) {
-    return ServerError("bad listen address \"" + text + "\": " + why);
-  };
-  ListenAddress address;
-  if (text.compare(0, 5, "unix:") == 0) {
-    address.is_unix = true;
-    address.path = text.substr(5);
-    if (address.path.empty()) throw bad("empty socket path");
-    if (address.path.size() >= sizeof(sockaddr_un{}.sun_path))
-      throw bad("socket path longer than " + std::to_string(sizeof(sockaddr_un{}.sun_path) - 1) +
-                " bytes");
-    if (address.path.find('\0') != std::string::npos) throw bad("NUL byte in the socket path");
-    return address;
+  try {
+    return parse_socket_address(text);
+  } catch (const Error& e) {
+    throw ServerError("bad listen address \"" + printable_address(text) + "\": " + e.what());
   }
-  if (text.compare(0, 4, "tcp:") != 0) throw bad("expected unix:PATH or tcp:HOST:PORT");
-  std::string rest = text.substr(4);
-  auto colon = rest.rfind(':');
-  if (colon == std::string::npos) throw bad("expected tcp:HOST:PORT");
-  address.host = rest.substr(0, colon);
-  address.port = rest.substr(colon + 1);
-  if (!address.host.empty() && address.host.front() == '[') {
-    if (address.host.size() < 3 || address.host.back() != ']')
-      throw bad("unbalanced brackets around the IPv6 address");
-    address.host = address.host.substr(1, address.host.size() - 2);
-  } else if (address.host.find(':') != std::string::npos) {
-    throw bad("an IPv6 address needs brackets: tcp:[ADDRESS]:PORT");
-  }
-  if (address.host.empty()) throw bad("missing host");
-  if (address.port.empty() || address.port.size() > 5 ||
-      address.port.find_first_not_of("0123456789") != std::string::npos ||
-      std::stoul(address.port) > 65535)
-    throw bad("port must be a number from 0 to 65535");
-  return address;
 }
 
 inline std::string describe_bound_tcp(int fd, int& port) {
@@ -4137,8 +4149,11 @@ inline OwnedFd listen_unix(const std::string& path, unsigned mode, UnixSocketFil
       throw ServerError("cannot set the mode of the socket for " + text + ": " + errno_text(errno));
     if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&where), sizeof where) == 0) {
       struct stat st {};
-      if (::lstat(path.c_str(), &st) != 0)
-        throw ServerError("cannot stat " + path + " after bind: " + errno_text(errno));
+      if (::lstat(path.c_str(), &st) != 0) {
+        int error = errno;
+        ::unlink(path.c_str());
+        throw ServerError("cannot stat " + path + " after bind: " + errno_text(error));
+      }
       file.device = st.st_dev;
       file.inode = st.st_ino;
       // The umask may have narrowed the mode; the option says it exactly.
@@ -4331,11 +4346,10 @@ class WorkerRequests {
   WorkerRequests(const ServerOptions& options, std::string log_prefix, HungTimer* timer)
       : options_(options), prefix_(std::move(log_prefix)), timer_(timer) {}
 
-  // One decoded message: the reply frame for a "do", an empty string for a
-  // "dn" (nothing to send). ProtocolError for what a client must not send.
+  // One message from FrameDecoder (so its shape is checked already): the
+  // reply frame for a "do", an empty string for a "dn" (nothing to send).
+  // ProtocolError for what a client must not send.
   std::string handle(Json& message) {
-    if (!message.is_array() || message.size() < 2 || !message[0].is_string())
-      throw ProtocolError("malformed message");
     const std::string& command = message[0].as_string();
     if (command == "do") return request(message);
     if (command == "dn") {
@@ -4418,9 +4432,10 @@ class WorkerRequests {
     return std::get<CatchAll>(options_.interface)(args);
   }
 
-  // The frame of ["ok", meta, result] or ["er", meta, error]. What JSON
-  // cannot carry becomes an error reply; a log that cannot be sent is
-  // dropped.
+  // The frame of ["ok", meta, result] or ["er", meta, error]. Each part
+  // JSON cannot carry is mended on its own: a log becomes one warning saying
+  // it could not be sent, a result becomes the error "result cannot be sent
+  // as JSON: ...", an error text loses its non-ASCII bytes.
   std::string reply(bool ok, Json log, Json result, std::string error) {
     Json meta = Json::object();
     if (!log.is_null()) meta["ld"] = std::move(log);
@@ -4432,27 +4447,34 @@ class WorkerRequests {
     } else {
       message.push_back(error);
     }
+    std::string why;
+    if (std::optional<std::string> frame = try_encode(message, why)) return std::move(*frame);
+    if (Json* ld = message[1].find("ld"); ld && !try_encode(*ld, why)) *ld = unsendable_log(*ld, why);
+    if (std::optional<std::string> frame = try_encode(message, why)) return std::move(*frame);
+    message[0] = "er";
+    message[2] = ok ? "result cannot be sent as JSON: " + why : ascii_only(error);
+    if (std::optional<std::string> frame = try_encode(message, why)) return std::move(*frame);
+    return encode_frame(Json{"er", Json::object(), message[2]});
+  }
+
+  static std::optional<std::string> try_encode(const Json& message, std::string& why) {
     try {
       return encode_frame(message);
     } catch (const std::exception& e) {
-      Json& sent_meta = message[1];
-      if (sent_meta.contains("ld")) {
-        try {
-          sent_meta.dump();
-        } catch (const std::exception& log_error) {
-          log_line(prefix_ + "request log dropped, JSON cannot carry it: " + log_error.what());
-          sent_meta = Json::object();
-        }
-      }
-      if (ok) error = std::string("result cannot be sent as JSON: ") + e.what();
-      message[0] = "er";
-      message[2] = error;
-      try {
-        return encode_frame(message);
-      } catch (const std::exception&) {
-        return encode_frame(Json{"er", Json::object(), ascii_only(error)});
-      }
+      why = e.what();
+      return std::nullopt;
     }
+  }
+
+  // What replaces a request log JSON cannot carry: its times and pid, and
+  // one warning instead of its entries.
+  static Json unsendable_log(const Json& log, const std::string& why) {
+    Json replacement = Json::object();
+    for (const char* key : {"start", "end", "pid"})
+      if (const Json* value = log.find(key)) replacement[key] = *value;
+    replacement["logs"] =
+        Json::array({Json::array({0.0, 20, "the worker's log could not be sent as JSON: " + why})});
+    return replacement;
   }
 
   const ServerOptions& options_;
@@ -4953,9 +4975,9 @@ inline void TaskServer::stop() noexcept {
       // Our end half-closed: the server sees EOF and stops; its end closes
       // when its process exits, which we see as EOF in turn.
       ::shutdown(keepalive_fd_, SHUT_WR);
-      const double deadline = si::monotonic_seconds() + 5;
+      const double deadline = detail::monotonic_seconds() + 5;
       for (;;) {
-        double left = deadline - si::monotonic_seconds();
+        double left = deadline - detail::monotonic_seconds();
         if (left <= 0) break;
         pollfd gone{keepalive_fd_, POLLIN, 0};
         int ready = ::poll(&gone, 1, static_cast<int>(left * 1000) + 1);
@@ -4968,7 +4990,11 @@ inline void TaskServer::stop() noexcept {
         break;
       }
     }
-    if (!ended) ::kill(pid_, SIGKILL);
+    if (!ended) {
+      // The whole group: busy workers must not outlive their server.
+      ::kill(-pid_, SIGKILL);
+      ::kill(pid_, SIGKILL);
+    }
     int status = 0;
     while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
     }
@@ -4999,6 +5025,9 @@ inline TaskServer fork_task_server(ServerOptions options) {
         si::reset_signal_dispositions();
         si::running_server.store(nullptr);
         si::unblock_all_signals();
+        // A group of its own, which its workers join: stop() can kill them
+        // all when they do not end in time.
+        ::setpgid(0, 0);
 #ifdef __linux__
         prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0);
 #endif
@@ -5029,58 +5058,53 @@ inline TaskServer fork_task_server(ServerOptions options) {
 namespace aet {
 namespace detail {
 
-// Where a client connects, resolved once when the client is made.
+// Where a client connects, resolved once when the client is made: one
+// address for a Unix socket, every getaddrinfo result for TCP (tried in
+// turn when connecting).
 struct ClientAddress {
   sockaddr_storage storage{};
   socklen_t length = 0;
   int family = AF_UNSPEC;
 };
 
-inline ClientAddress resolve_client_address(const std::string& connect) {
+inline std::vector<ClientAddress> resolve_client_addresses(const std::string& connect) {
   auto bad = [&](const std::string& why) {
-    return Error("aet::Client: bad connect address \"" + connect + "\": " + why);
+    return Error("aet::Client: bad connect address \"" + printable_address(connect) + "\": " + why);
   };
-  ClientAddress address;
-  if (connect.compare(0, 5, "unix:") == 0) {
-    const std::string path = connect.substr(5);
+  SocketAddress parsed;
+  try {
+    parsed = parse_socket_address(connect);
+  } catch (const Error& e) {
+    throw bad(e.what());
+  }
+  std::vector<ClientAddress> addresses;
+  if (parsed.is_unix) {
     sockaddr_un un{};
-    if (path.empty()) throw bad("empty path");
-    if (path.size() >= sizeof(un.sun_path)) throw bad("path too long");
     un.sun_family = AF_UNIX;
-    std::memcpy(un.sun_path, path.data(), path.size());
+    std::memcpy(un.sun_path, parsed.path.data(), parsed.path.size());
+    ClientAddress& address = addresses.emplace_back();
     std::memcpy(&address.storage, &un, sizeof(un));
-    address.length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
+    address.length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + parsed.path.size() + 1);
     address.family = AF_UNIX;
-    return address;
+    return addresses;
   }
-  if (connect.compare(0, 4, "tcp:") != 0) throw bad("expected unix:PATH, tcp:HOST:PORT or tcp:[V6]:PORT");
-  const std::string rest = connect.substr(4);
-  std::string host, port;
-  if (!rest.empty() && rest[0] == '[') {
-    const std::size_t close = rest.find(']');
-    if (close == std::string::npos || close + 1 >= rest.size() || rest[close + 1] != ':')
-      throw bad("expected tcp:[V6]:PORT");
-    host = rest.substr(1, close - 1);
-    port = rest.substr(close + 2);
-  } else {
-    const std::size_t colon = rest.rfind(':');
-    if (colon == std::string::npos) throw bad("expected tcp:HOST:PORT");
-    host = rest.substr(0, colon);
-    port = rest.substr(colon + 1);
-  }
-  if (host.empty() || port.empty()) throw bad("expected tcp:HOST:PORT");
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_NUMERICSERV;
   addrinfo* found = nullptr;
-  const int rc = ::getaddrinfo(host.c_str(), port.c_str(), &hints, &found);
+  const int rc = ::getaddrinfo(parsed.host.c_str(), parsed.port.c_str(), &hints, &found);
   if (rc != 0 || !found) throw bad(::gai_strerror(rc));
-  std::memcpy(&address.storage, found->ai_addr, found->ai_addrlen);
-  address.length = static_cast<socklen_t>(found->ai_addrlen);
-  address.family = found->ai_family;
-  ::freeaddrinfo(found);
-  return address;
+  std::unique_ptr<addrinfo, void (*)(addrinfo*)> results(found, ::freeaddrinfo);
+  for (const addrinfo* ai = found; ai; ai = ai->ai_next) {
+    if (ai->ai_addrlen > sizeof(sockaddr_storage)) continue;
+    ClientAddress& address = addresses.emplace_back();
+    std::memcpy(&address.storage, ai->ai_addr, ai->ai_addrlen);
+    address.length = static_cast<socklen_t>(ai->ai_addrlen);
+    address.family = ai->ai_family;
+  }
+  if (addresses.empty()) throw bad("no usable address");
+  return addresses;
 }
 
 // One queued call: its frame is encoded when queued (a value JSON cannot
@@ -5090,6 +5114,7 @@ struct ClientCall {
   std::string frame;
   Checkout::Callback callback;
   FrameContext context;
+  double deadline = -1;  // monotonic seconds: when queued plus the timeout; < 0: none
 };
 
 inline std::string encode_call(const std::optional<std::string>& method, Json args) {
@@ -5125,7 +5150,7 @@ inline unsigned draw_checkout_limit(unsigned max_checkouts, double jitter, std::
 }
 
 inline std::minstd_rand::result_type random_seed(const void* salt) {
-  const auto now = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+  const auto now = static_cast<std::uint64_t>(monotonic_ns());
   const auto mixed = now ^ static_cast<std::uint64_t>(::getpid()) << 32 ^ reinterpret_cast<std::uintptr_t>(salt);
   return static_cast<std::minstd_rand::result_type>(mixed % 2147483646u + 1);  // never 0
 }
@@ -5154,6 +5179,8 @@ struct ClientWorker {
   std::size_t out_sent = 0;
   FrameDecoder decoder;
   CheckoutCore* checkout = nullptr;  // the checkout holding it, if any
+  bool held = false;  // ever handed to a checkout; dying before counts as a failed connect
+  std::size_t address_index = 0;  // in ClientState::addresses, while connecting
   unsigned served = 0;               // checkouts released cleanly
   unsigned checkout_limit = 0;       // its own max_checkouts; 0: unlimited
   std::list<std::shared_ptr<ClientWorker>>::iterator position;  // in ClientState::workers
@@ -5205,7 +5232,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       : host(event_host),
         options(std::move(client_options)),
         name(options.name.empty() ? options.connect : options.name),
-        address(resolve_client_address(options.connect)),
+        addresses(resolve_client_addresses(options.connect)),
         done_frame(encode_frame(Json{"dn", Json::object()})),
         read_buffer(64 * 1024),
         random(random_seed(this)) {
@@ -5220,7 +5247,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   EventHost& host;
   ClientOptions options;
   std::string name;
-  ClientAddress address;
+  std::vector<ClientAddress> addresses;  // tried in turn by each connect
   std::string done_frame;
   std::vector<char> read_buffer;  // shared by every worker: reads never overlap
   std::minstd_rand random;        // draws each worker's checkout limit
@@ -5254,13 +5281,16 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       ClientWorker* worker = idle.back();
       idle.pop_back();
       if (!still_open(*worker)) {
-        drop_worker(*worker);  // died before the loop noticed; open_workers() replaces it
+        // Died before the loop noticed; open_workers() replaces it.
+        if (!worker->held) arm_retry();
+        drop_worker(*worker);
         continue;
       }
       it = pending.erase(it);
       core->queued = false;
       core->worker = worker;
       worker->checkout = core;
+      worker->held = true;
       send_next(*core);
     }
   }
@@ -5321,19 +5351,11 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   int connect_worker() {
     auto worker = std::make_shared<ClientWorker>(options.max_frame);
     worker->checkout_limit = draw_checkout_limit(options.max_checkouts, options.max_checkouts_jitter, random);
-    const int fd = ::socket(address.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) return -1;
-    worker->fd = fd;
-    if (address.family != AF_UNIX) {
-      const int one = 1;
-      ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));  // best effort
-    }
-    int rc = ::connect(fd, reinterpret_cast<const sockaddr*>(&address.storage), address.length);
-    // EINTR: the connection goes on asynchronously, as with EINPROGRESS.
-    if (rc < 0 && errno != EINPROGRESS && errno != EINTR) return -1;
+    const int started = start_connect(*worker, 0);
+    if (started < 0) return -1;
     workers.push_back(worker);
     worker->position = std::prev(workers.end());
-    if (rc == 0) {
+    if (started == 0) {
       worker->connecting = false;
       watch(worker, io_read);
       idle.push_back(worker.get());
@@ -5342,6 +5364,30 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     ++connecting;
     watch(worker, io_write);
     return 0;
+  }
+
+  // Gives the worker a socket connecting to the first address, from
+  // `first` on, that does not fail at once. 0: connected; 1: connecting;
+  // -1: every one failed.
+  int start_connect(ClientWorker& worker, std::size_t first) {
+    for (std::size_t i = first; i < addresses.size(); ++i) {
+      worker.close_now();
+      const ClientAddress& address = addresses[i];
+      worker.address_index = i;
+      const int fd = ::socket(address.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+      if (fd < 0) continue;
+      worker.fd = fd;
+      if (address.family != AF_UNIX) {
+        const int one = 1;
+        ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));  // best effort
+      }
+      const int rc = ::connect(fd, reinterpret_cast<const sockaddr*>(&address.storage), address.length);
+      if (rc == 0) return 0;
+      // EINTR: the connection goes on asynchronously, as with EINPROGRESS.
+      if (errno == EINPROGRESS || errno == EINTR) return 1;
+    }
+    worker.close_now();
+    return -1;
   }
 
   void watch(const std::shared_ptr<ClientWorker>& worker, unsigned events) {
@@ -5388,14 +5434,24 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     socklen_t length = sizeof(error);
     if (::getsockopt(worker->fd, SOL_SOCKET, SO_ERROR, &error, &length) < 0) error = errno;
     if (error == EINPROGRESS || error == EALREADY) return;
+    if (error != 0) {
+      // On to the next resolved address; a failed connect when none is left.
+      const int started = start_connect(*worker, worker->address_index + 1);
+      if (started < 0) {
+        drop_worker(*worker);
+        arm_retry();
+        return;
+      }
+      if (started > 0) {
+        watch(worker, io_write);
+        return;
+      }
+      watch(worker, io_read);
+    } else {
+      worker->watcher.set_events(io_read);
+    }
     --connecting;
     worker->connecting = false;
-    if (error != 0) {
-      drop_worker(*worker);
-      arm_retry();
-      return;
-    }
-    worker->watcher.set_events(io_read);
     idle.push_back(worker.get());
     pump();
   }
@@ -5478,9 +5534,12 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   }
 
   // The worker is unusable: an idle one is replaced as needed, a checkout
-  // holding it fails for good.
+  // holding it fails for good. One that dies before serving any checkout
+  // counts as a failed connect (a server that accepts and closes, say): it
+  // is replaced after the retry delay, not at once in a tight loop.
   void worker_failed(const std::shared_ptr<ClientWorker>& worker, const std::string& message) {
     CheckoutCore* holder = worker->checkout;
+    if (!worker->held) arm_retry();
     drop_worker(*worker);
     if (holder) {
       std::shared_ptr<CheckoutCore> core = *holder->position;  // a copy: fail() may erase it
@@ -5496,11 +5555,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       worker_failed(worker, "protocol error: a reply with no call in flight");
       return;
     }
-    if (!message.is_array() || message.size() < 3 || !message[0].is_string() ||
-        !message[1].is_object()) {
-      worker_failed(worker, "protocol error: malformed reply from the worker");
-      return;
-    }
+    // FrameDecoder checked the shape: ok and er are [kind, {meta}, payload].
     const std::string kind = message[0].as_string();
     if (kind != "ok" && kind != "er") {
       worker_failed(worker, "protocol error: unexpected \"" + kind + "\" message from the worker");
@@ -5533,7 +5588,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     core->had_error = true;
     CallQueue discarded = std::move(core->calls);
     core->calls.clear();
-    const std::string text = payload.is_string() ? payload.as_string() : payload.dump();
+    const std::string text = payload.as_string();  // a string: FrameDecoder checked it
     deliver_error(core, std::move(call), std::make_exception_ptr(RemoteError(text)),
                   std::move(discarded));
   }
@@ -5547,10 +5602,12 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     send(*core.worker, call.frame);
   }
 
+  // Arms the checkout's timer for the deadline of its first call.
   void arm_timeout(const std::shared_ptr<CheckoutCore>& core) {
-    if (core->timeout < 0) return;  // aet::forever
+    const double deadline = core->calls.front().deadline;
+    if (deadline < 0) return;  // aet::forever
     std::weak_ptr<CheckoutCore> weak = core;
-    core->timeout_timer = Timer(host, core->timeout, 0, [weak] {
+    core->timeout_timer = Timer(host, deadline - monotonic_seconds(), 0, [weak] {
       auto core = weak.lock();
       if (!core || !core->client || core->client->closed) return;
       std::shared_ptr<ClientState> self = core->client->shared_from_this();
@@ -5565,6 +5622,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       doom_later(core, std::move(call));
       return;
     }
+    if (core->timeout >= 0) call.deadline = monotonic_seconds() + core->timeout;
     core->calls.push_back(std::move(call));
     if (!core->timeout_timer) arm_timeout(core);
     if (core->worker) {
@@ -5849,8 +5907,18 @@ inline void Checkout::throw_fatal_error(const std::string& message) {
 
 // -- Client --
 
+namespace detail {
+
+// No worker at all would make every checkout time out: refused up front.
+inline ClientOptions checked_client_options(ClientOptions options) {
+  if (options.max_workers == 0) throw Error("aet::Client: max_workers must be at least 1");
+  return options;
+}
+
+}  // namespace detail
+
 inline Client::Client(EventHost& host, ClientOptions options)
-    : state_(std::make_shared<detail::ClientState>(host, std::move(options))) {
+    : state_(std::make_shared<detail::ClientState>(host, detail::checked_client_options(std::move(options)))) {
   state_->pump();
 }
 

@@ -2,9 +2,12 @@
 // each against a real forked server.
 #include <catch2/catch.hpp>
 
+#include <sched.h>
 #include <signal.h>
+#include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -632,16 +635,72 @@ TEST_CASE("each call gets its own timeout") {
   options.timeout = 0.6;
   int done = 0;
   Caught caught;
-  aet::frame_try(
-      [&] {
-        aet::Checkout c = client.checkout(options);
-        // Three calls of 0.3 s each: 0.9 s in all, each well within 0.6 s.
-        for (int i = 0; i < 3; ++i) c.call("sleep", {0.3}, [&](aet::Checkout&, Json) { ++done; });
-      },
-      catch_into(caught));
+  // Three calls of 0.3 s each, each made from the previous one's callback:
+  // 0.9 s in all, each well within 0.6 s.
+  std::function<void(aet::Checkout&, Json)> next = [&](aet::Checkout& c, Json) {
+    if (++done < 3) c.call("sleep", {0.3}, next);
+  };
+  aet::frame_try([&] { client.checkout(options).call("sleep", {0.3}, next); }, catch_into(caught));
   REQUIRE(run_until(loop, [&] { return done == 3 || caught.count > 0; }));
   INFO(caught.what);
   REQUIRE(caught.count == 0);
+}
+
+TEST_CASE("a call's timeout runs from when it is queued, waiting behind an earlier call included") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::Client client(loop, rig.client_options());
+  call_and_wait(loop, client, "pid");  // the workers are up
+  aet::CheckoutOptions options;
+  options.timeout = 1;
+  bool first_done = false, second_done = false;
+  Caught caught;
+  const double start = now();
+  aet::frame_try(
+      [&] {
+        aet::Checkout c = client.checkout(options);
+        c.call("sleep", {0.7}, [&](aet::Checkout&, Json) { first_done = true; });
+        c.call("sleep", {0.7}, [&](aet::Checkout&, Json) { second_done = true; });
+      },
+      catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return caught.count > 0 || second_done; }, 5));
+  const double took = now() - start;
+  INFO(caught.what);
+  REQUIRE(first_done);
+  REQUIRE_FALSE(second_done);
+  REQUIRE(caught.what == "timed out after 1 seconds");
+  REQUIRE(caught.kind == "timeout");
+  REQUIRE(took >= 0.99);
+  REQUIRE(took < 1.3);
+}
+
+TEST_CASE("with timeout aet::forever a call longer than a short default still succeeds") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  SECTION("the client's timeout") {
+    aet::ClientOptions co = rig.client_options();
+    co.timeout = aet::forever;
+    aet::Client client(loop, co);
+    REQUIRE(call_and_wait(loop, client, "sleep", {0.4}).is_int());
+  }
+  SECTION("the checkout's timeout, over a short client timeout") {
+    aet::ClientOptions co = rig.client_options();
+    co.timeout = 0.1;
+    aet::Client client(loop, co);
+    aet::CheckoutOptions options;
+    options.timeout = aet::forever;
+    std::optional<Json> result;
+    Caught caught;
+    aet::frame_try(
+        [&] { client.checkout(options).call("sleep", {0.4}, [&](aet::Checkout&, Json r) { result = r; }); },
+        catch_into(caught));
+    REQUIRE(run_until(loop, [&] { return result.has_value() || caught.count > 0; }, 5));
+    INFO(caught.what);
+    REQUIRE(caught.count == 0);
+    REQUIRE(result->is_int());
+  }
 }
 
 TEST_CASE("a call that outlives hung_worker_timeout fails with `worker connection suddenly died`") {
@@ -716,6 +775,40 @@ TEST_CASE("after a server restart new checkouts succeed") {
   // And once the loop has run for a while.
   REQUIRE_FALSE(run_until(loop, [] { return false; }, 0.3));
   REQUIRE(call_and_wait(loop, client, "echo", {3}) == Json{3});
+}
+
+TEST_CASE("connections that die straight after connect are retried every 0.2 s, not in a tight loop") {
+  aet_test::TempDir dir;
+  aet::Loop loop;
+  // A listener that accepts and closes at once.
+  const int listener = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  REQUIRE(listener >= 0);
+  sockaddr_un where{};
+  where.sun_family = AF_UNIX;
+  const std::string path = dir.file("closing.sock");
+  std::memcpy(where.sun_path, path.data(), path.size());
+  REQUIRE(::bind(listener, reinterpret_cast<sockaddr*>(&where), sizeof where) == 0);
+  REQUIRE(::listen(listener, 64) == 0);
+  int accepted = 0;
+  aet::IoWatcher accepting = loop.io(listener, aet::io_read, [&](unsigned) {
+    for (int fd; (fd = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC)) >= 0;) {
+      ++accepted;
+      ::close(fd);
+    }
+  });
+  {
+    aet::ClientOptions co;
+    co.connect = "unix:" + path;
+    co.min_workers = 2;
+    aet::Client client(loop, co);
+    REQUIRE_FALSE(run_until(loop, [] { return false; }, 1));
+    // Two at start, then at most two per 0.2 s retry.
+    INFO(accepted << " connections in 1 s");
+    REQUIRE(accepted >= 2);
+    REQUIRE(accepted <= 14);
+  }
+  accepting.reset();
+  ::close(listener);
 }
 
 TEST_CASE("an idle worker killed with SIGKILL is replaced without any checkout failing") {
@@ -857,6 +950,19 @@ TEST_CASE("past max_pending_checkouts checkout() throws OverloadError at once") 
   REQUIRE_THROWS_AS(client.checkout(), aet::OverloadError);
 }
 
+TEST_CASE("max_workers 0 is refused by the Client constructor") {
+  aet::Loop loop;
+  aet::ClientOptions co;
+  co.connect = "unix:/nonexistent/s.sock";
+  co.max_workers = 0;
+  try {
+    aet::Client client(loop, co);
+    FAIL("a client with max_workers 0 was made");
+  } catch (const aet::Error& e) {
+    REQUIRE(std::string(e.what()) == "aet::Client: max_workers must be at least 1");
+  }
+}
+
 TEST_CASE("the pool opens min_workers at start and never more than max_workers") {
   Rig rig;
   aet::TaskServer server = rig.start();
@@ -902,6 +1008,129 @@ TEST_CASE("a client connects over TCP, IPv4 and IPv6") {
     aet::Client client(loop, co);
     REQUIRE(call_and_wait(loop, client, "echo", {"over tcp"}) == Json{"over tcp"});
   }
+}
+
+TEST_CASE("the client and the server accept and refuse the same addresses, for the same reason") {
+  // What follows `PREFIX "ADDRESS": `, or "accepted".
+  auto reason = [](const std::string& what, std::string address) {
+    for (std::size_t nul; (nul = address.find('\0')) != std::string::npos;) address.replace(nul, 1, "\\0");
+    const std::string quoted = "\"" + address + "\": ";
+    const std::size_t at = what.find(quoted);
+    return at == std::string::npos ? "unexpected message: " + what : what.substr(at + quoted.size());
+  };
+  auto server_says = [&](const std::string& address) {
+    try {
+      aet::ServerOptions so;
+      so.listen = address;
+      so.interface = standard_methods();
+      aet::Server server(so);
+    } catch (const aet::ServerError& e) {
+      return reason(e.what(), address);
+    }
+    return std::string("accepted");
+  };
+  aet::Loop loop;
+  auto client_says = [&](const std::string& address) {
+    try {
+      aet::ClientOptions co;
+      co.connect = address;
+      aet::Client client(loop, co);
+    } catch (const aet::Error& e) {
+      return reason(e.what(), address);
+    }
+    return std::string("accepted");
+  };
+  const std::vector<std::string> refused = {
+      "nonsense", "", "unix:", "unix:/tmp/" + std::string(200, 'x'), std::string("unix:/tmp/a\0b", 13),
+      "tcp:127.0.0.1", "tcp:::1:7000", "tcp::::1:80", "tcp:127.0.0.1:99999", "tcp:127.0.0.1:http",
+      "tcp::80", "tcp:[::1:80", "tcp:[]:80", "tcp:127.0.0.1:", "udp:127.0.0.1:80",
+  };
+  for (const std::string& address : refused) {
+    INFO("address: " << address);
+    const std::string server = server_says(address);
+    CHECK(server != "accepted");
+    CHECK(server.rfind("unexpected", 0) != 0);
+    CHECK(client_says(address) == server);
+  }
+  aet_test::TempDir dir;
+  for (const std::string& address : {dir.unix_address(), std::string("tcp:127.0.0.1:0")}) {
+    INFO("address: " << address);
+    CHECK(server_says(address) == "accepted");
+    CHECK(client_says(address) == "accepted");
+  }
+}
+
+namespace {
+
+// Runs `body` in a forked child, returns its exit status (-1 if it did not
+// end within `limit` seconds; it is killed then).
+int exit_status_of_child(const std::function<int()>& body, double limit) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    int code = 99;
+    try {
+      code = body();
+    } catch (...) {
+      code = 98;
+    }
+    ::_exit(code);
+  }
+  int status = 0;
+  if (!aet_test::eventually([&] { return ::waitpid(pid, &status, WNOHANG) == pid; }, limit)) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, &status, 0);
+    return -1;
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+}  // namespace
+
+TEST_CASE("a host name with IPv6 and IPv4 addresses reaches a server on either family") {
+  // The name comes from a private /etc/hosts, bind-mounted in a mount
+  // namespace of the child's own: it resolves to ::1 and to 127.0.0.1.
+  aet_test::TempDir dir;
+  const std::string hosts = dir.file("hosts");
+  std::ofstream(hosts) << "::1 aet-dual-stack.test\n127.0.0.1 aet-dual-stack.test\n";
+  const int status = exit_status_of_child(
+      [&] {
+        if (::unshare(CLONE_NEWNS) != 0) return 77;
+        if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) return 77;
+        if (::mount(hosts.c_str(), "/etc/hosts", nullptr, MS_BIND, nullptr) != 0) return 77;
+        int served = 0;
+        for (const char* listen : {"tcp:127.0.0.1:0", "tcp:[::1]:0"}) {
+          aet::ServerOptions so;
+          so.listen = listen;
+          so.interface = standard_methods();
+          std::optional<aet::TaskServer> server;
+          try {
+            server.emplace(aet::fork_task_server(so));
+          } catch (const aet::ServerError&) {
+            continue;  // no IPv6 loopback here
+          }
+          aet::Loop loop;
+          aet::ClientOptions co;
+          co.connect = "tcp:aet-dual-stack.test:" + std::to_string(server->port());
+          co.min_workers = 1;
+          co.timeout = 5;
+          aet::Client client(loop, co);
+          std::optional<Json> result;
+          bool failed = false;
+          aet::frame_try(
+              [&] { client.checkout().call("echo", {listen}, [&](aet::Checkout&, Json r) { result = r; }); },
+              [&](const std::exception&, const std::string&) { failed = true; });
+          if (!run_until(loop, [&] { return result.has_value() || failed; }, 8)) return 2;
+          if (failed || *result != Json{listen}) return 3;
+          ++served;
+        }
+        return served >= 1 ? 0 : 4;
+      },
+      30);
+  if (status == 77) {
+    WARN("no private mount namespace here (needs root): the dual-stack name is not tested");
+    return;
+  }
+  REQUIRE(status == 0);
 }
 
 TEST_CASE("a large call and reply go through partial writes") {
@@ -1130,4 +1359,22 @@ TEST_CASE("an idle worker that sends stray bytes is dropped and replaced, failin
   // replacing its worker.
   REQUIRE(run_until(loop, [&] { return fake.accepted >= 3; }));
   REQUIRE(client.worker_count() == 1);
+}
+
+TEST_CASE("unknown meta keys in a worker's reply are ignored") {
+  aet_test::TempDir dir;
+  aet::Loop loop;
+  FakeServer fake(loop, dir.file("fake.sock"));
+  fake.reply = [](const Json&) {
+    return aet::encode_frame(Json{"ok", Json::object({{"zz", 1}, {"ld2", Json::array({1, 2})}}), 5});
+  };
+  aet::ClientOptions co;
+  co.connect = "unix:" + dir.file("fake.sock");
+  co.min_workers = 1;
+  co.max_workers = 1;
+  co.timeout = 10;
+  aet::Client client(loop, co);
+  REQUIRE(call_and_wait(loop, client, "m") == 5);
+  REQUIRE(call_and_wait(loop, client, "m") == 5);  // the same worker, still in step
+  REQUIRE(fake.accepted == 1);
 }

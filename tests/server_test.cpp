@@ -221,6 +221,32 @@ aet::Methods test_methods() {
          aet::logger().warn(args[0]);
          throw std::runtime_error("after logging");
        }},
+      {"mark_and_sleep",
+       [](const Json& args) {
+         std::ofstream(args[0].as_string()) << ::getpid();
+         std::this_thread::sleep_for(std::chrono::duration<double>(args[1].as_double()));
+         return Json("slept");
+       }},
+      {"log_bad_utf8",
+       [](const Json&) {
+         aet::logger().info(std::string("\xff\xfe"));
+         return Json("logged");
+       }},
+      {"log_bad_utf8_and_throw",
+       [](const Json&) -> Json {
+         aet::logger().info(std::string("\xff\xfe"));
+         throw std::runtime_error("after logging");
+       }},
+      {"log_and_throw_bad_utf8",
+       [](const Json& args) -> Json {
+         aet::logger().warn(args[0]);
+         throw std::runtime_error("bad \xff byte");
+       }},
+      {"log_and_return_nan",
+       [](const Json& args) {
+         aet::logger().warn(args[0]);
+         return Json(std::nan(""));
+       }},
   };
 }
 
@@ -456,6 +482,50 @@ TEST_CASE("a reply carries the request's log in meta ld, and {} when nothing was
 
   // Each request has a fresh log.
   CHECK(wire.call(args({"pid"}))[1] == Json::object());
+}
+
+TEST_CASE("a log JSON cannot carry is replaced by a warning and the result still arrives") {
+  TempDir dir;
+  auto server = aet::fork_task_server(options_for(dir.unix_address()));
+  Wire wire(server.address());
+  Json pid = wire.result(args({"pid"}));
+  for (const char* method : {"log_bad_utf8", "log_bad_utf8_and_throw"}) {
+    Json reply = wire.call(args({method}));
+    INFO(reply.dump());
+    if (std::string(method) == "log_bad_utf8") {
+      CHECK(reply[0] == "ok");
+      CHECK(reply[2] == "logged");
+    } else {
+      CHECK(reply[0] == "er");
+      CHECK(reply[2] == "after logging");
+    }
+    REQUIRE(reply[1].contains("ld"));
+    const Json& ld = reply[1]["ld"];
+    CHECK(ld["pid"] == pid);
+    REQUIRE(ld["logs"].size() == 1);
+    CHECK(ld["logs"][0][1] == 20);
+    CHECK_THAT(ld["logs"][0][2].as_string(),
+               Catch::StartsWith("the worker's log could not be sent as JSON: "));
+  }
+}
+
+TEST_CASE("an unsendable error text or result keeps the request's valid log") {
+  TempDir dir;
+  auto server = aet::fork_task_server(options_for(dir.unix_address()));
+  Wire wire(server.address());
+  Json bad_error = wire.call(args({"log_and_throw_bad_utf8", "logged before the bad error"}));
+  INFO(bad_error.dump());
+  CHECK(bad_error[0] == "er");
+  CHECK(bad_error[2] == "bad ? byte");
+  REQUIRE(bad_error[1].contains("ld"));
+  CHECK(bad_error[1]["ld"]["logs"][0][2] == "logged before the bad error");
+
+  Json bad_result = wire.call(args({"log_and_return_nan", "logged before the NaN"}));
+  INFO(bad_result.dump());
+  CHECK(bad_result[0] == "er");
+  CHECK_THAT(bad_result[2].as_string(), Catch::StartsWith("result cannot be sent as JSON: "));
+  REQUIRE(bad_result[1].contains("ld"));
+  CHECK(bad_result[1]["ld"]["logs"][0][2] == "logged before the NaN");
 }
 
 // ---- hung workers ----
@@ -868,6 +938,27 @@ TEST_CASE("SIGTERM stops accepting, removes the socket file and lets a busy work
   CHECK(eventually([&] { return !aet_test::process_alive(server.pid()); }, 5));
 }
 
+TEST_CASE("SIGINT stops the server like SIGTERM: the socket file goes and a busy worker replies") {
+  TempDir dir;
+  const std::string path = dir.file("s.sock");
+  const std::string marker = dir.file("worker-pid");
+  auto server = aet::fork_task_server(options_for("unix:" + path));
+  Wire idle(server.address());
+  Wire busy(server.address());
+  CHECK(idle.result(args({"echo"})) == Json::array());
+  busy.send(Json::array({"do", Json::object(), "mark_and_sleep", marker, 0.5}));
+  REQUIRE(eventually([&] { return path_exists(marker); }, 5));  // the request runs
+  REQUIRE(::kill(server.pid(), SIGINT) == 0);
+  CHECK(eventually([&] { return !path_exists(path); }, 5));
+  CHECK(connect_to("unix:" + path) < 0);
+  CHECK(idle.closes_within(2));
+  auto reply = busy.receive();
+  REQUIRE(reply);
+  CHECK((*reply)[2] == "slept");
+  CHECK(busy.closes_within(2));
+  CHECK(eventually([&] { return !aet_test::process_alive(server.pid()); }, 5));
+}
+
 TEST_CASE("a stopping server kills a worker still busy after hung_worker_timeout") {
   TempDir dir;
   aet::ServerOptions options = options_for(dir.unix_address());
@@ -937,6 +1028,27 @@ TEST_CASE("a fork_task_server ends when its handle is dropped") {
   CHECK_FALSE(aet_test::process_alive(pid));
   CHECK_FALSE(aet_test::process_zombie(pid));
   CHECK_FALSE(path_exists(path));
+}
+
+TEST_CASE("dropping a TaskServer kills, after 5 s, a worker still busy with its server") {
+  TempDir dir;
+  aet::ServerOptions options = options_for(dir.unix_address());
+  options.hung_worker_timeout = 0;  // the server itself would wait for ever
+  const std::string marker = dir.file("worker-pid");
+  pid_t worker = -1;
+  double dropped_at = 0;
+  {
+    auto server = aet::fork_task_server(options);
+    Wire busy(server.address());
+    busy.send(Json::array({"do", Json::object(), "mark_and_sleep", marker, 20}));
+    REQUIRE(eventually([&] { return path_exists(marker) && (std::ifstream(marker) >> worker); }, 5));
+    REQUIRE(aet_test::process_alive(worker));
+    dropped_at = monotonic_now();
+  }
+  const double took = monotonic_now() - dropped_at;
+  CHECK(took >= 4.9);
+  CHECK(took < 6.5);
+  CHECK(eventually([&] { return !aet_test::process_alive(worker); }, 1));
 }
 
 TEST_CASE("a moved TaskServer keeps its server; the moved-from handle does nothing") {
