@@ -1860,25 +1860,25 @@ inline std::size_t find_duplicate_key(const std::pair<std::string, Json>* member
 
 // The 8 digits of x < 10^8 (leading zeros included) as characters packed
 // into a word, the first digit in the lowest byte: it stays in a register.
+// x splits into 4-digit halves in 32-bit lanes, these into 2-digit halves
+// in 16-bit lanes, these into digits in bytes; every lane divides at once
+// by a multiply and shift (n * 10486 >> 20 is n / 100 for n < 10^4, and
+// n * 103 >> 10 is n / 10 for n < 100), no lane overflowing into the next.
 inline std::uint64_t eight_digits(std::uint32_t x) noexcept {
-  static constexpr char pairs[] =
-      "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
-      "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
-      "8081828384858687888990919293949596979899";
-  const std::uint32_t high = x / 10000, low = x % 10000;
-  std::uint16_t a, b, c, d;
-  std::memcpy(&a, pairs + 2 * (high / 100), 2);
-  std::memcpy(&b, pairs + 2 * (high % 100), 2);
-  std::memcpy(&c, pairs + 2 * (low / 100), 2);
-  std::memcpy(&d, pairs + 2 * (low % 100), 2);
-  return std::uint64_t{a} | std::uint64_t{b} << 16 | std::uint64_t{c} << 32 | std::uint64_t{d} << 48;
+  std::uint64_t v = x / 10000 | std::uint64_t{x % 10000} << 32;
+  std::uint64_t q = (v * 10486 >> 20) & 0x0000007F0000007Full;
+  v = q | (v - q * 100) << 16;
+  q = (v * 103 >> 10) & 0x000F000F000F000Full;
+  v = q | (v - q * 10) << 8;
+  return v | 0x3030303030303030ull;  // + '0' in every byte
 }
 
 // The shortest text of a double that needs at most 15 significant digits
-// and lies in [1e-7, 1e15), written at o; nullptr for any other double
-// (then std::to_chars does it). Decimals of 15 digits lie farther apart
-// than doubles, so at most one of them reads back as d: if the nearest one
-// does, its digits without trailing zeros are the shortest round trip.
+// and lies in [1e-7, 1e15), written at o (at most 32 bytes); nullptr for
+// any other double (then std::to_chars does it). Decimals of 15 digits lie
+// farther apart than doubles, so at most one of them reads back as d: if
+// the nearest one does, its digits without trailing zeros are the shortest
+// round trip.
 inline char* format_short_double(char* o, double d) noexcept {
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
   (void)o;
@@ -1907,8 +1907,8 @@ inline char* format_short_double(char* o, double d) noexcept {
     if (p == 0) return nullptr;
     scaled = a * powers[--p];
   }
-  std::uint64_t m = static_cast<std::uint64_t>(scaled + 0.5);
-  if (m >= 1000000000000000u) return nullptr;
+  const std::uint64_t m = static_cast<std::uint64_t>(scaled + 0.5);
+  if (m < 100000000000000u || m >= 1000000000000000u) return nullptr;  // exactly 15 digits
   // Does m / 10^p read back as a = M / 2^k? Exactly, in integers: it does
   // when |m / 10^p - a| is below half the spacing of doubles at a, that is
   // |m * 2^(k+1-p) - 2 * M * 5^p| < 5^p (half that below a power of two,
@@ -1928,36 +1928,33 @@ inline char* format_short_double(char* o, double d) noexcept {
   const Wide difference = candidate > target ? candidate - target : target - candidate;
   const bool below_power_of_two = mantissa == std::uint64_t{1} << 52 && candidate < target;
   if ((below_power_of_two ? 2 * difference : difference) >= powers_of_5[p]) return nullptr;
-  // All 16 digits of m (leading zeros included) in two independent halves,
-  // kept in registers: the zeros to drop are counted in the words, and the
-  // text is assembled by shifts and stored in whole words.
+  // The 15 digits of m in two words (digit i in byte i, byte 15 zero),
+  // kept in registers; the zeros to drop are counted in the words.
   constexpr std::uint64_t zeros = 0x3030303030303030ull;  // "00000000"
-  const std::uint64_t high = eight_digits(static_cast<std::uint32_t>(m / 100000000));
+  const std::uint64_t high = eight_digits(static_cast<std::uint32_t>(m / 100000000));  // '0' + 7 digits
   const std::uint64_t low = eight_digits(static_cast<std::uint32_t>(m % 100000000));
-  const int lead = high != zeros ? __builtin_ctzll(high ^ zeros) / 8 : 8 + __builtin_ctzll(low ^ zeros) / 8;
   const int trail = low != zeros ? __builtin_clzll(low ^ zeros) / 8 : 8 + __builtin_clzll(high ^ zeros) / 8;
-  p -= trail;
-  const int n = 16 - lead - trail;  // significant digits, at most 15
-  const Wide text = (static_cast<Wide>(low) << 64 | high) >> (8 * lead);  // digit i in byte i
+  const int n = 15 - trail;   // significant digits, the first nonzero
+  const int point = 15 - p;   // digits before the decimal point, from -6 to 15
+  const std::uint64_t text_low = high >> 8 | low << 56, text_high = low >> 8;
   if (d < 0) *o++ = '-';
-  const int point = n - p;  // digits before the decimal point, from -6 to 15
-  if (point >= n) {  // integral: the digits, zeros, ".0"
-    std::memcpy(o, &text, 16);
-    for (int i = n; i < point; ++i) o[i] = '0';
-    o += point;
-    *o++ = '.';
-    *o++ = '0';
-  } else if (point > 0) {
-    const Wide integral = text & ((static_cast<Wide>(1) << (8 * point)) - 1);
-    const Wide joined = integral | static_cast<Wide>('.') << (8 * point) | (text >> (8 * point)) << (8 * (point + 1));
-    std::memcpy(o, &joined, 16);
-    o += n + 1;
-  } else {
+  if (point <= 0) {  // "0.", zeros, the digits
     std::memcpy(o, "0.000000", 8);
-    std::memcpy(o + 2 - point, &text, 16);
-    o += 2 - point + n;
+    std::memcpy(o + 2 - point, &text_low, 8);
+    std::memcpy(o + 10 - point, &text_high, 8);
+    return o + 2 - point + n;
   }
-  return o;
+  std::memcpy(o, &text_low, 8);
+  std::memcpy(o + 8, &text_high, 8);
+  if (point >= n) {  // integral: the digits (and zeros) before the point, ".0"
+    std::memcpy(o + point, ".0", 2);
+    return o + point + 2;
+  }
+  // The first `point` digits, '.', the rest moved one byte on.
+  const Wide rest = (static_cast<Wide>(text_high) << 64 | text_low) >> (8 * point);
+  o[point] = '.';
+  std::memcpy(o + point + 1, &rest, 16);
+  return o + n + 1;
 #endif
 }
 
