@@ -3353,13 +3353,27 @@ struct LoopState {
   std::map<QueueKey, EventHost::Id> queue;  // every timer by its next deadline
   bool dispatching = false;
   bool stop_requested = false;
+  // Per-fd scratch, indexed by fd and stamped with the round that wrote
+  // it, so that nothing is cleared, hashed or allocated from round to round.
+  struct FdScratch {
+    std::uint64_t prepared = 0;  // prepare() round that gave this fd `slot`
+    std::uint64_t ready = 0;     // process() round that set `revents`
+    std::size_t slot = 0;
+    short revents = 0;
+  };
   // Scratch space reused from round to round. The two due lists are read
   // while callbacks run, which is safe because process() is not reentrant.
-  std::vector<pollfd> poll_fds;                       // run_once()'s array
-  std::unordered_map<int, std::size_t> fd_slots;      // prepare(): fd -> entry
-  std::unordered_map<int, short> ready_fds;           // process(): fd -> revents
+  std::vector<pollfd> poll_fds;  // run_once()'s array
+  std::vector<FdScratch> by_fd;
+  std::uint64_t prepare_round = 0, process_round = 0;
   std::vector<ReadyIo> due_io;
   std::vector<EventHost::Id> due_timers;
+
+  FdScratch& scratch(int fd) {
+    const auto index = static_cast<std::size_t>(fd);
+    if (index >= by_fd.size()) by_fd.resize(index + 1);
+    return by_fd[index];
+  }
 
   EventHost::Id add_timer(std::int64_t deadline, std::int64_t interval,
                           EventHost::TimerCallback callback) {
@@ -3375,20 +3389,30 @@ struct LoopState {
   void dispatch_io(const pollfd* fds, std::size_t count) {
     const bool fresh = std::exchange(prepared, false);  // a second process() reports nothing
     if (!fresh || count == 0 || ios.empty()) return;
-    std::unordered_map<int, short>& ready = ready_fds;
-    ready.clear();
-    for (std::size_t i = 0; i < count; ++i)
-      if (fds[i].revents != 0) ready[fds[i].fd] |= fds[i].revents;
-    if (ready.empty()) return;
+    const std::uint64_t round = ++process_round;
+    bool any = false;
+    for (std::size_t i = 0; i < count; ++i) {
+      const int fd = fds[i].fd;
+      if (fds[i].revents == 0 || fd < 0 || static_cast<std::size_t>(fd) >= by_fd.size()) continue;
+      FdScratch& entry = by_fd[static_cast<std::size_t>(fd)];
+      if (entry.ready != round) {
+        entry.ready = round;
+        entry.revents = 0;
+      }
+      entry.revents = static_cast<short>(entry.revents | fds[i].revents);
+      any = true;
+    }
+    if (!any) return;
 
     // Decide who is ready before calling anyone, from what was polled: an
     // interest added or widened since prepare() gets nothing from this round.
     std::vector<ReadyIo>& due = due_io;
     due.clear();
     for (const auto& [id, io] : ios) {
-      auto it = ready.find(io.fd);
-      if (it == ready.end()) continue;
-      if (unsigned events = readiness(it->second, io.polled_events)) due.push_back({id, events});
+      if (io.polled_events == 0 || static_cast<std::size_t>(io.fd) >= by_fd.size()) continue;
+      const FdScratch& entry = by_fd[static_cast<std::size_t>(io.fd)];
+      if (entry.ready != round) continue;
+      if (unsigned events = readiness(entry.revents, io.polled_events)) due.push_back({id, events});
     }
     for (const ReadyIo& r : due) {
       auto it = ios.find(r.id);
@@ -3548,19 +3572,20 @@ inline int Loop::prepare(std::vector<pollfd>& fds) {
   auto& s = *state_;
   s.prepared = true;
   // One entry per fd: where each fd's entry is among those appended here.
-  std::unordered_map<int, std::size_t>& slot = s.fd_slots;
-  slot.clear();
+  const std::uint64_t round = ++s.prepare_round;
   for (auto& [id, io] : s.ios) {
     (void)id;
     io.polled_events = io.events;
     if (io.events == 0) continue;
     const short want = static_cast<short>(((io.events & io_read) ? POLLIN : 0) |
                                           ((io.events & io_write) ? POLLOUT : 0));
-    auto [it, inserted] = slot.emplace(io.fd, fds.size());
-    if (inserted) {
+    detail::LoopState::FdScratch& entry = s.scratch(io.fd);
+    if (entry.prepared != round) {
+      entry.prepared = round;
+      entry.slot = fds.size();
       fds.push_back(pollfd{io.fd, want, 0});
     } else {
-      fds[it->second].events = static_cast<short>(fds[it->second].events | want);
+      fds[entry.slot].events = static_cast<short>(fds[entry.slot].events | want);
     }
   }
   if (s.queue.empty()) return -1;
@@ -3634,6 +3659,38 @@ inline std::string quoted_for_message(const std::string& s) {
   return s.size() > 40 ? out + "..." : out;
 }
 
+// How much buffer memory a connection keeps between frames: enough for
+// large messages to go without page faults, not a peak kept for ever.
+constexpr std::size_t kept_buffer_limit = std::size_t{4} << 20;
+
+// Appends `text` as a JSON string: short plain ASCII (method names) as it
+// is, anything else through the printer (escapes, UTF-8 checks).
+inline void append_json_string(std::string& out, const std::string& text) {
+  bool plain = text.size() <= 256;
+  for (std::size_t i = 0; plain && i < text.size(); ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    plain = c >= 0x20 && c < 0x80 && c != '"' && c != '\\';
+  }
+  if (!plain) return Json(text).dump_to(out);
+  out += '"';
+  out += text;
+  out += '"';
+}
+
+// Writes the length of the frame that starts at `start` of `out` (4 bytes
+// reserved there) into its header.
+inline void seal_frame(std::string& out, std::size_t start) {
+  const std::size_t length = out.size() - start - 4;
+  if (length > 0xFFFFFFFFu) {
+    out.resize(start);
+    throw ProtocolError("message of " + std::to_string(length) + " bytes is too large for a frame");
+  }
+  out[start] = static_cast<char>(length >> 24);
+  out[start + 1] = static_cast<char>(length >> 16);
+  out[start + 2] = static_cast<char>(length >> 8);
+  out[start + 3] = static_cast<char>(length);
+}
+
 inline void check_length(const char* command, std::size_t got, std::size_t expected) {
   if (got != expected)
     throw ProtocolError(std::string("\"") + command + "\" message has " + std::to_string(got) +
@@ -3651,15 +3708,7 @@ inline void append_frame(std::string& out, const Json& message) {
     out.resize(start);
     throw;
   }
-  const std::size_t length = out.size() - start - 4;
-  if (length > 0xFFFFFFFFu) {
-    out.resize(start);
-    throw ProtocolError("message of " + std::to_string(length) + " bytes is too large for a frame");
-  }
-  out[start] = static_cast<char>(length >> 24);
-  out[start + 1] = static_cast<char>(length >> 16);
-  out[start + 2] = static_cast<char>(length >> 8);
-  out[start + 3] = static_cast<char>(length);
+  detail::seal_frame(out, start);
 }
 
 inline std::string encode_frame(const Json& message) {
@@ -3711,7 +3760,7 @@ inline void FrameDecoder::compact() {
 
 // After a large frame, gives its memory back instead of keeping the peak.
 inline void FrameDecoder::release_if_drained() {
-  if (read_pos_ != buffer_.size() || buffer_.capacity() <= (std::size_t{1} << 20)) return;
+  if (read_pos_ != buffer_.size() || buffer_.capacity() <= detail::kept_buffer_limit) return;
   std::string().swap(buffer_);
   read_pos_ = pending_pos_ = 0;
 }
@@ -4140,7 +4189,34 @@ inline volatile sig_atomic_t worker_stop_requested = 0;
 inline char hung_message[512];
 inline std::size_t hung_message_size = 0;
 
-inline void on_worker_stop_signal(int) { worker_stop_requested = 1; }
+// Set while the worker is idle: from its last look at worker_stop_requested
+// until its wait ends. A stop signal then ends the worker from the handler
+// itself (there is nothing to finish), so the wait needs no signals blocked
+// around it (a stop signal between the look and the wait is not lost).
+inline volatile sig_atomic_t worker_idle = 0;
+inline volatile sig_atomic_t worker_connection = -1;
+
+// Ends a worker for SIGTERM/SIGINT with a clean end of stream. Closing with
+// input unread (a request that came too late, the "dn" after a last reply)
+// would make TCP reset the connection, which may discard a reply still in
+// flight: the end is sent first, then what has arrived is read and dropped
+// (a bounded amount: a client that keeps sending cannot hold the worker).
+// Async-signal-safe.
+[[noreturn]] inline void end_worker_for_stop(int conn) noexcept {
+  ::shutdown(conn, SHUT_WR);
+  char scrap[4096];
+  for (int round = 0; round < 256; ++round) {
+    ssize_t n = ::recv(conn, scrap, sizeof scrap, MSG_DONTWAIT);
+    if (n > 0 || (n < 0 && errno == EINTR)) continue;
+    break;
+  }
+  ::_exit(0);
+}
+
+inline void on_worker_stop_signal(int) {
+  worker_stop_requested = 1;
+  if (worker_idle) end_worker_for_stop(worker_connection);
+}
 
 // What the SIGALRM handler of a worker reads: whether a request runs, when
 // it started, and where the polite timer is armed.
@@ -4293,14 +4369,18 @@ class WorkerRequests {
   // One decoded message: the reply frame for a "do", an empty string for a
   // "dn" (nothing to send). ProtocolError for what a client must not send.
   std::string handle(Json& message) {
+    std::string reply;
+    handle(message, reply);
+    return reply;
+  }
+  // The same, written to `reply` (replaced), whose buffer the worker keeps.
+  void handle(Json& message, std::string& reply) {
+    reply.clear();
     if (!message.is_array() || message.size() < 2 || !message[0].is_string())
       throw ProtocolError("malformed message");
     const std::string& command = message[0].as_string();
-    if (command == "do") return request(message);
-    if (command == "dn") {
-      checkout_done();
-      return {};
-    }
+    if (command == "do") return request(message, reply);
+    if (command == "dn") return checkout_done();
     throw ProtocolError("unexpected \"" + command + "\" message from the client");
   }
 
@@ -4317,10 +4397,10 @@ class WorkerRequests {
     }
   }
 
-  std::string request(Json& message) {
+  void request(Json& message, std::string& out) {
     Json::Array& parts = message.as_array();
-    Json args(Json::Array(std::make_move_iterator(parts.begin() + 2),
-                          std::make_move_iterator(parts.end())));
+    parts.erase(parts.begin(), parts.begin() + 2);  // the arguments are left, in place
+    Json args(std::move(message));
     bool ok = false;
     Json result;
     std::string error;
@@ -4357,7 +4437,7 @@ class WorkerRequests {
     } catch (const std::exception& e) {
       log_line(prefix_ + "cannot finish the request log: " + e.what());
     }
-    return reply(ok, std::move(log), std::move(result), std::move(error));
+    reply(ok, std::move(log), std::move(result), std::move(error), out);
   }
 
   Json call(Json args) {
@@ -4370,9 +4450,8 @@ class WorkerRequests {
       auto method = methods->find(name);
       if (method == methods->end()) throw Error("unknown method \"" + name + "\"");
       if (!method->second) throw Error("method \"" + name + "\" has no function");
-      Json rest(Json::Array(std::make_move_iterator(all.begin() + 1),
-                            std::make_move_iterator(all.end())));
-      return method->second(rest);
+      all.erase(all.begin());  // the method's own arguments are left
+      return method->second(args);
     }
     return std::get<CatchAll>(options_.interface)(args);
   }
@@ -4380,7 +4459,27 @@ class WorkerRequests {
   // The frame of ["ok", meta, result] or ["er", meta, error]. What JSON
   // cannot carry becomes an error reply; a log that cannot be sent is
   // dropped.
-  std::string reply(bool ok, Json log, Json result, std::string error) {
+  void reply(bool ok, Json log, Json result, std::string error, std::string& frame) {
+    // Written straight into the frame; anything JSON cannot carry takes
+    // the general path below, which finds out what and says so.
+    try {
+      frame.assign(4, '\0');
+      frame += ok ? "[\"ok\",{" : "[\"er\",{";
+      if (!log.is_null()) {
+        frame += "\"ld\":";
+        log.dump_to(frame);
+      }
+      frame += "},";
+      if (ok) {
+        result.dump_to(frame);
+      } else {
+        append_json_string(frame, error);
+      }
+      frame += ']';
+      seal_frame(frame, 0);
+      return;
+    } catch (const std::exception&) {
+    }
     Json meta = Json::object();
     if (!log.is_null()) meta["ld"] = std::move(log);
     Json message = Json::array();
@@ -4392,7 +4491,7 @@ class WorkerRequests {
       message.push_back(error);
     }
     try {
-      return encode_frame(message);
+      frame = encode_frame(message);
     } catch (const std::exception& e) {
       Json& sent_meta = message[1];
       if (sent_meta.contains("ld")) {
@@ -4407,9 +4506,9 @@ class WorkerRequests {
       message[0] = "er";
       message[2] = error;
       try {
-        return encode_frame(message);
+        frame = encode_frame(message);
       } catch (const std::exception&) {
-        return encode_frame(Json{"er", Json::object(), ascii_only(error)});
+        frame = encode_frame(Json{"er", Json::object(), ascii_only(error)});
       }
     }
   }
@@ -4428,6 +4527,7 @@ class Worker {
         conn_(conn),
         decoder_(options.max_frame),
         prefix_("aet-worker:" + options_.name + "[" + std::to_string(::getpid()) + "]: ") {
+    worker_connection = conn;
     if (options_.hung_worker_timeout > 0) {
       std::string line = prefix_ + "hung_worker_timeout of " +
                          format_seconds(options_.hung_worker_timeout) + " s exceeded, exiting\n";
@@ -4443,40 +4543,35 @@ class Worker {
   }
 
   [[noreturn]] void serve_forever() {
-    sigset_t stop_signals;
-    sigemptyset(&stop_signals);
-    sigaddset(&stop_signals, SIGTERM);
-    sigaddset(&stop_signals, SIGINT);
     std::vector<char> buffer(64 * 1024);
     for (;;) {
       for (;;) {
         std::optional<Json> message;
-        std::string reply;
         try {
           message = decoder_.next();
           if (!message) break;
-          reply = requests_->handle(*message);
+          requests_->handle(*message, reply_);
         } catch (const ProtocolError& e) {
           protocol_error(e.what());
         }
-        if (!reply.empty()) send_all(reply);
+        if (!reply_.empty()) send_all(reply_);
+        if (reply_.capacity() > kept_buffer_limit) std::string().swap(reply_);
         if (worker_stop_requested) exit_for_stop();
       }
-      // The stop signals are let in only inside ppoll(), atomically: a
-      // SIGTERM cannot slip in between the check and the wait. They are let
-      // in even if a handler blocked them: the worker owns them.
-      sigset_t previous;
-      sigprocmask(SIG_BLOCK, &stop_signals, &previous);
-      if (worker_stop_requested) exit_for_stop();
-      sigset_t waiting = previous;
+      // The stop signals are let in while waiting even if a handler blocked
+      // them: the worker owns them.
+      sigset_t waiting;
+      sigprocmask(SIG_BLOCK, nullptr, &waiting);
       sigdelset(&waiting, SIGTERM);
       sigdelset(&waiting, SIGINT);
-      pollfd readable{conn_, POLLIN, 0};
       const int wait_ms = timer_ ? timer_->idle_wait_ms() : -1;
-      timespec wait{wait_ms / 1000, static_cast<long>(wait_ms % 1000) * 1000000};
+      const timespec wait{wait_ms / 1000, static_cast<long>(wait_ms % 1000) * 1000000};
+      pollfd readable{conn_, POLLIN, 0};
+      worker_idle = 1;  // from here a stop signal ends the worker at once
+      if (worker_stop_requested) exit_for_stop();
       int ready = ::ppoll(&readable, 1, wait_ms < 0 ? nullptr : &wait, &waiting);
       int error = errno;
-      sigprocmask(SIG_SETMASK, &previous, nullptr);
+      worker_idle = 0;
       if (ready < 0) {
         if (error == EINTR || error == EAGAIN) continue;
         fail("poll: " + errno_text(error));
@@ -4503,22 +4598,7 @@ class Worker {
     log_line(prefix_ + "protocol error: " + what);
     ::_exit(1);
   }
-  // Exits for SIGTERM/SIGINT with a clean end of stream. Closing with input
-  // unread (a request that came too late, the "dn" after a last reply)
-  // would make TCP reset the connection, which may discard a reply still in
-  // flight: the end is sent first, then what has arrived is read and
-  // dropped (a bounded amount: a client that keeps sending cannot hold the
-  // worker).
-  [[noreturn]] void exit_for_stop() {
-    ::shutdown(conn_, SHUT_WR);
-    char scrap[4096];
-    for (int round = 0; round < 256; ++round) {
-      ssize_t n = ::recv(conn_, scrap, sizeof scrap, MSG_DONTWAIT);
-      if (n > 0 || (n < 0 && errno == EINTR)) continue;
-      break;
-    }
-    ::_exit(0);
-  }
+  [[noreturn]] void exit_for_stop() { end_worker_for_stop(conn_); }
   [[noreturn]] void fail(const std::string& what) {
     log_line(prefix_ + what);
     ::_exit(1);
@@ -4554,6 +4634,7 @@ class Worker {
   std::string prefix_;
   std::optional<HungTimer> timer_;
   std::optional<WorkerRequests> requests_;  // after timer_, which it points to
+  std::string reply_;  // kept from reply to reply (up to kept_buffer_limit)
 };
 
 // The freshly forked child of the master: becomes a worker for `conn`.
@@ -5051,18 +5132,34 @@ struct ClientCall {
   FrameContext context;
 };
 
-inline std::string encode_call(const std::optional<std::string>& method, Json args) {
-  Json::Array message;
-  message.reserve(3 + (args.is_array() ? args.size() : 1));
-  message.emplace_back("do");
-  message.emplace_back(Json::object());
-  if (method) message.emplace_back(*method);
-  if (args.is_array()) {
-    for (Json& arg : args.as_array()) message.push_back(std::move(arg));
-  } else if (!args.is_null()) {
-    message.push_back(std::move(args));
+// ["do",{},method,args...] written straight into a frame in `scratch`
+// (which keeps its capacity from call to call), without building the
+// message as a Json.
+inline void encode_call(const std::optional<std::string>& method, const Json& args, std::string& scratch) {
+  scratch.assign(4, '\0');
+  scratch += "[\"do\",{}";
+  if (method) {
+    scratch += ',';
+    append_json_string(scratch, *method);
   }
-  return encode_frame(Json(std::move(message)));
+  if (args.is_array()) {
+    for (const Json& arg : args.as_array()) {
+      scratch += ',';
+      arg.dump_to(scratch);
+    }
+  } else if (!args.is_null()) {
+    scratch += ',';
+    args.dump_to(scratch);
+  }
+  scratch += ']';
+  seal_frame(scratch, 0);
+}
+
+// The frame in `scratch` as a string of its own for a queued call: a small
+// one copied to its size, a large one with the scratch's buffer.
+inline std::string take_frame(std::string& scratch) {
+  if (scratch.size() <= 4096) return std::string(scratch);
+  return std::exchange(scratch, std::string());
 }
 
 // A list, not a deque: an empty one allocates nothing, and a pending
@@ -5182,6 +5279,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   ClientAddress address;
   std::string done_frame;
   std::vector<char> read_buffer;  // shared by every worker: reads never overlap
+  std::string call_scratch;       // where call frames are encoded
   std::minstd_rand random;        // draws each worker's checkout limit
   bool closed = false;
   std::list<std::shared_ptr<ClientWorker>> workers;  // connected or connecting
@@ -5378,6 +5476,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       return false;
     }
     worker.out.clear();  // keeps its capacity for the next call
+    if (worker.out.capacity() > kept_buffer_limit) std::string().swap(worker.out);
     worker.out_sent = 0;
     if (worker.watcher.events() & io_write) worker.watcher.set_events(io_read);
     return true;
@@ -5499,11 +5598,12 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
 
   // -- checkouts --
 
-  void send_next(CheckoutCore& core) {
+  // Sends the first queued call: its frame, or `frame` if given.
+  void send_next(CheckoutCore& core, std::string* frame = nullptr) {
     ClientCall& call = core.calls.front();
     core.in_flight = true;
     if (core.log_defer) core.call_timer.emplace(core.log_defer->timer(call.method ? *call.method : "->()"));
-    send(*core.worker, call.frame);
+    send(*core.worker, frame ? *frame : call.frame);
   }
 
   void arm_timeout(const std::shared_ptr<CheckoutCore>& core) {
@@ -5519,16 +5619,21 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     });
   }
 
-  void queue_call(const std::shared_ptr<CheckoutCore>& core, ClientCall call) {
+  // `frame` is call_scratch. A call that goes out at once is sent from it
+  // (its buffer and the worker's swap, so neither is allocated again); one
+  // that waits takes a copy.
+  void queue_call(const std::shared_ptr<CheckoutCore>& core, ClientCall call, std::string& frame) {
     if (core->failed) {
       doom_later(core, std::move(call));
       return;
     }
+    const bool now = core->worker && !core->in_flight;
+    if (!now) call.frame = take_frame(frame);
     core->calls.push_back(std::move(call));
     if (!core->timeout_timer) arm_timeout(core);
-    if (core->worker) {
-      if (!core->in_flight) send_next(*core);
-    } else {
+    if (now) {
+      send_next(*core, &frame);
+    } else if (!core->worker) {
       pump();
     }
   }
@@ -5638,8 +5743,8 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
 
   void deliver_result(const std::shared_ptr<CheckoutCore>& core, ClientCall call, Json result) {
     Checkout handle = handle_for(core);
-    // The framed callback routes a throw to its catchers, or rethrows it.
-    call.callback(handle, std::move(result));
+    // Run in its frame: a throw goes to that frame's catchers, or out.
+    call.context.run([&] { call.callback(handle, std::move(result)); });
   }
 
   void deliver_error(std::shared_ptr<CheckoutCore> core, ClientCall call, std::exception_ptr error,
@@ -5756,16 +5861,18 @@ inline std::shared_ptr<CheckoutCore> live_core(const std::shared_ptr<CheckoutSta
 
 // -- Checkout --
 
+// The callback is stored as it is beside its frame, not wrapped in a
+// Framed (which would take an allocation of its own): the client runs it
+// in that frame, as the wrapper would.
 template <class F>
 void Checkout::call(std::string method, Json args, F callback, const char* file, int line) {
   if constexpr (is_framed<std::decay_t<F>>::value) {
     FrameContext context = callback.context();
-    enqueue(std::optional<std::string>(std::move(method)), std::move(args), Callback(std::move(callback)),
+    enqueue(std::optional<std::string>(std::move(method)), std::move(args), Callback(std::move(callback).code()),
             std::move(context));
   } else {
-    auto framed = frame(std::move(callback), Catcher{}, frame_name(&method), file, line);
-    FrameContext context = framed.context();
-    enqueue(std::optional<std::string>(std::move(method)), std::move(args), Callback(std::move(framed)),
+    FrameContext context = detail::push_frame(Catcher{}, frame_name(&method), file, line);
+    enqueue(std::optional<std::string>(std::move(method)), std::move(args), Callback(std::move(callback)),
             std::move(context));
   }
 }
@@ -5774,30 +5881,37 @@ template <class F>
 void Checkout::operator()(Json args, F callback, const char* file, int line) {
   if constexpr (is_framed<std::decay_t<F>>::value) {
     FrameContext context = callback.context();
-    enqueue(std::nullopt, std::move(args), Callback(std::move(callback)), std::move(context));
+    enqueue(std::nullopt, std::move(args), Callback(std::move(callback).code()), std::move(context));
   } else {
-    auto framed = frame(std::move(callback), Catcher{}, frame_name(nullptr), file, line);
-    FrameContext context = framed.context();
-    enqueue(std::nullopt, std::move(args), Callback(std::move(framed)), std::move(context));
+    FrameContext context = detail::push_frame(Catcher{}, frame_name(nullptr), file, line);
+    enqueue(std::nullopt, std::move(args), Callback(std::move(callback)), std::move(context));
   }
 }
 
 inline std::string Checkout::frame_name(const std::string* method) const {
   std::shared_ptr<detail::CheckoutCore> core = detail::live_core(state_);
-  return core->client->name + " -> " + (method ? *method : std::string("->()"));
+  const std::string& client = core->client->name;
+  const char* called = method ? method->c_str() : "->()";
+  const std::size_t called_size = method ? method->size() : 4;
+  std::string name;
+  name.reserve(client.size() + 4 + called_size);
+  name.append(client).append(" -> ").append(called, called_size);
+  return name;
 }
 
 inline void Checkout::enqueue(std::optional<std::string> method, Json args, Callback callback,
                               FrameContext context) {
   std::shared_ptr<detail::CheckoutCore> core = detail::live_core(state_);
   std::shared_ptr<detail::ClientState> client = core->client->shared_from_this();
-  std::string frame = detail::encode_call(method, std::move(args));
+  std::string& frame = client->call_scratch;
+  detail::encode_call(method, args, frame);
   // The worker would refuse it and exit: say so here, where it can be fixed.
   if (frame.size() - 4 > client->options.max_frame)
     throw ProtocolError("request of " + std::to_string(frame.size() - 4) + " bytes exceeds the limit of " +
                         std::to_string(client->options.max_frame));
-  client->queue_call(core, detail::ClientCall{std::move(method), std::move(frame), std::move(callback),
-                                              std::move(context)});
+  client->queue_call(core, detail::ClientCall{std::move(method), {}, std::move(callback), std::move(context)},
+                     frame);
+  if (frame.capacity() > detail::kept_buffer_limit) std::string().swap(frame);
 }
 
 inline void Checkout::throw_fatal_error(const std::string& message) {

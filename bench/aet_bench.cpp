@@ -225,12 +225,13 @@ double median(std::vector<double> values) {
 
 // Runs each of `work` (callables returning the seconds a batch took) once
 // per batch, in turn; returns their medians in the same order.
-// With $AET_BENCH_FIRST_ONLY set (for profiling) only the first runs.
+// With $AET_BENCH_ONLY=i (for profiling) only the i-th (from 0) runs.
 std::vector<double> alternate(const std::vector<std::function<double()>>& work) {
   std::vector<std::vector<double>> times(work.size());
-  const std::size_t running = std::getenv("AET_BENCH_FIRST_ONLY") ? 1 : work.size();
+  const char* only = std::getenv("AET_BENCH_ONLY");
   for (int i = 0; i < batches; ++i)
-    for (std::size_t w = 0; w < work.size(); ++w) times[w].push_back(w < running ? work[w]() : 0.0);
+    for (std::size_t w = 0; w < work.size(); ++w)
+      times[w].push_back(!only || std::atoi(only) == static_cast<int>(w) ? work[w]() : 0.0);
   std::vector<double> medians;
   for (auto& t : times) medians.push_back(median(t));
   return medians;
