@@ -3677,6 +3677,12 @@ inline void append_json_string(std::string& out, const std::string& text) {
   out += '"';
 }
 
+// True if `command` is the two-letter command `name` (cheaper than
+// comparing with a C string, which measures it first).
+inline bool is_command(const std::string& command, const char (&name)[3]) noexcept {
+  return command.size() == 2 && command[0] == name[0] && command[1] == name[1];
+}
+
 // Writes the length of the frame that starts at `start` of `out` (4 bytes
 // reserved there) into its header.
 inline void seal_frame(std::string& out, std::size_t start) {
@@ -3724,14 +3730,16 @@ inline void check_message(const Json& message) {
   if (!parts[0].is_string())
     throw ProtocolError(std::string("message command is not a string but ") + to_string(parts[0].type()));
   const std::string& command = parts[0].as_string();
-  const bool known = command == "do" || command == "dn" || command == "ok" || command == "er";
+  using detail::is_command;
+  const bool known =
+      is_command(command, "do") || is_command(command, "dn") || is_command(command, "ok") || is_command(command, "er");
   if (!known) throw ProtocolError("unknown command " + detail::quoted_for_message(command));
   if (parts.size() < 2) throw ProtocolError("\"" + command + "\" message has no meta");
   if (!parts[1].is_object())
     throw ProtocolError(std::string("meta is not an object but ") + to_string(parts[1].type()));
-  if (command == "dn") detail::check_length("dn", parts.size(), 2);
-  if (command == "ok") detail::check_length("ok", parts.size(), 3);
-  if (command == "er") {
+  if (is_command(command, "dn")) detail::check_length("dn", parts.size(), 2);
+  if (is_command(command, "ok")) detail::check_length("ok", parts.size(), 3);
+  if (is_command(command, "er")) {
     detail::check_length("er", parts.size(), 3);
     if (!parts[2].is_string())
       throw ProtocolError(std::string("\"er\" message is not a string but ") + to_string(parts[2].type()));
@@ -4379,8 +4387,8 @@ class WorkerRequests {
     if (!message.is_array() || message.size() < 2 || !message[0].is_string())
       throw ProtocolError("malformed message");
     const std::string& command = message[0].as_string();
-    if (command == "do") return request(message, reply);
-    if (command == "dn") return checkout_done();
+    if (is_command(command, "do")) return request(message, reply);
+    if (is_command(command, "dn")) return checkout_done();
     throw ProtocolError("unexpected \"" + command + "\" message from the client");
   }
 
@@ -5230,7 +5238,12 @@ struct CheckoutCore {
   CallQueue calls;  // the front one is on the wire when in_flight
   bool in_flight = false;
   double timeout = forever;
-  Timer timeout_timer;
+  // In ClientState's list of timed checkouts while a call runs against
+  // the timeout (see start_timeout()).
+  bool timed = false;
+  double deadline = 0;  // Loop::now() seconds
+  CheckoutCore* timed_prev = nullptr;
+  CheckoutCore* timed_next = nullptr;
   std::optional<LogDefer> log_defer;
   std::optional<LogDefer::Timer> call_timer;
   bool had_error = false;  // an error reply: the worker is not reused
@@ -5288,6 +5301,10 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   std::list<std::shared_ptr<CheckoutCore>> checkouts;  // every live checkout
   std::list<CheckoutCore*> pending;                 // not yet served, in order
   Timer retry;  // armed after a failed connect: no new attempt before it fires
+  CheckoutCore* timed_head = nullptr;  // checkouts under a timeout, soonest first
+  CheckoutCore* timed_tail = nullptr;
+  Timer deadline_timer;  // for the soonest of them, or earlier
+  double deadline_timer_at = 0;
 
   // -- the pool --
 
@@ -5559,9 +5576,9 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       worker_failed(worker, "protocol error: malformed reply from the worker");
       return;
     }
-    const std::string kind = message[0].as_string();
-    if (kind != "ok" && kind != "er") {
-      worker_failed(worker, "protocol error: unexpected \"" + kind + "\" message from the worker");
+    const bool ok = is_command(message[0].as_string(), "ok");
+    if (!ok && !is_command(message[0].as_string(), "er")) {
+      worker_failed(worker, "protocol error: unexpected \"" + message[0].as_string() + "\" message from the worker");
       return;
     }
     std::shared_ptr<CheckoutCore> core = *holder->position;
@@ -5569,7 +5586,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     core->calls.pop_front();
     core->in_flight = false;
     core->call_timer.reset();
-    core->timeout_timer.reset();
+    stop_timeout(*core);
     if (core->log_defer) {
       if (const Json* log = message[1].find("ld"); log && log->is_object()) {
         try {
@@ -5580,9 +5597,9 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       }
     }
     Json& payload = message.as_array()[2];
-    if (kind == "ok") {
+    if (ok) {
       if (!core->calls.empty()) {
-        arm_timeout(core);
+        start_timeout(*core);
         send_next(*core);
       }
       deliver_result(core, std::move(call), std::move(payload));
@@ -5606,17 +5623,70 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     send(*core.worker, frame ? *frame : call.frame);
   }
 
-  void arm_timeout(const std::shared_ptr<CheckoutCore>& core) {
-    if (core->timeout < 0) return;  // aet::forever
-    std::weak_ptr<CheckoutCore> weak = core;
-    core->timeout_timer = Timer(host, core->timeout, 0, [weak] {
-      auto core = weak.lock();
-      if (!core || !core->client || core->client->closed) return;
-      std::shared_ptr<ClientState> self = core->client->shared_from_this();
+  // -- timeouts --
+  //
+  // The checkouts whose call runs against its timeout are linked through
+  // the checkouts themselves, soonest deadline first, and one loop timer
+  // stands for them all: a call's timeout costs no allocation and no timer
+  // of its own. The timer is set for the soonest deadline, or earlier (it
+  // is not moved when the soonest checkout leaves the list): it then looks
+  // again and sets itself for the new soonest.
+
+  // From now, afresh.
+  void start_timeout(CheckoutCore& core) {
+    stop_timeout(core);
+    if (core.timeout < 0) return;  // aet::forever
+    core.deadline = Loop::now() + core.timeout;
+    // From the back: with the usual single timeout value, that is where
+    // it goes.
+    CheckoutCore* after = timed_tail;
+    while (after && after->deadline > core.deadline) after = after->timed_prev;
+    core.timed_prev = after;
+    core.timed_next = after ? after->timed_next : timed_head;
+    (core.timed_next ? core.timed_next->timed_prev : timed_tail) = &core;
+    (after ? after->timed_next : timed_head) = &core;
+    core.timed = true;
+    if (!deadline_timer || core.deadline < deadline_timer_at) set_deadline_timer(core.deadline);
+  }
+
+  void stop_timeout(CheckoutCore& core) noexcept {
+    if (!core.timed) return;
+    (core.timed_prev ? core.timed_prev->timed_next : timed_head) = core.timed_next;
+    (core.timed_next ? core.timed_next->timed_prev : timed_tail) = core.timed_prev;
+    core.timed_prev = core.timed_next = nullptr;
+    core.timed = false;
+  }
+
+  void set_deadline_timer(double at) {
+    deadline_timer_at = at;
+    std::weak_ptr<ClientState> weak = weak_from_this();
+    deadline_timer = Timer(host, at - Loop::now(), 0, [weak] {
+      auto self = weak.lock();
+      if (!self || self->closed) return;
+      self->deadline_timer.reset();
+      self->expire_timeouts();
+    });
+  }
+
+  // Fails every checkout whose deadline has passed.
+  void expire_timeouts() {
+    const double now = Loop::now();
+    std::vector<std::shared_ptr<CheckoutCore>> expired;
+    while (timed_head && timed_head->deadline <= now) {
+      expired.push_back(*timed_head->position);
+      stop_timeout(*timed_head);
+    }
+    if (timed_head) set_deadline_timer(timed_head->deadline);
+    std::shared_ptr<ClientState> self = shared_from_this();  // a callback may drop the client
+    for (const std::shared_ptr<CheckoutCore>& core : expired) {
+      if (closed) return;
+      // Failed, released or given a fresh timeout by an earlier delivery:
+      // its call is no longer the one that expired.
+      if (core->client != this || core->failed || core->timed) continue;
       char text[64];
       std::snprintf(text, sizeof(text), "timed out after %g seconds", core->timeout);
-      self->fail(core, true, text);
-    });
+      fail(core, true, text);
+    }
   }
 
   // `frame` is call_scratch. A call that goes out at once is sent from it
@@ -5630,7 +5700,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     const bool now = core->worker && !core->in_flight;
     if (!now) call.frame = take_frame(frame);
     core->calls.push_back(std::move(call));
-    if (!core->timeout_timer) arm_timeout(core);
+    if (!core->timed) start_timeout(*core);
     if (now) {
       send_next(*core, &frame);
     } else if (!core->worker) {
@@ -5652,7 +5722,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     core.failed = true;
     core.fatal_is_timeout = timeout;
     core.fatal = message;
-    core.timeout_timer.reset();
+    stop_timeout(core);
     core.call_timer.reset();
     core.in_flight = false;
     unqueue(core);
@@ -5771,7 +5841,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     if (!core->handle.expired() || !core->calls.empty() || !core->doomed.empty()) return;
     core->client = nullptr;
     unqueue(*core);
-    core->timeout_timer.reset();
+    stop_timeout(*core);
     core->doomed_timer.reset();
     if (ClientWorker* worker = core->worker) {
       core->worker = nullptr;
@@ -5823,10 +5893,11 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     workers.clear();
     pending.clear();
     idle.clear();
+    deadline_timer.reset();
     for (auto& core : gone_checkouts) {
+      stop_timeout(*core);
       core->client = nullptr;
       core->worker = nullptr;
-      core->timeout_timer.reset();
       core->doomed_timer.reset();
     }
     for (auto& worker : gone_workers) {

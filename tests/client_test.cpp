@@ -644,6 +644,40 @@ TEST_CASE("each call gets its own timeout") {
   REQUIRE(caught.count == 0);
 }
 
+TEST_CASE("checkouts with different timeouts each expire at their own deadline, whatever their order") {
+  // The client keeps one timer for all its deadlines: a later checkout
+  // with a shorter timeout must still expire first, and on time.
+  Rig rig;
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();  // no server: every call waits
+  co.timeout = 1.2;
+  aet::Client client(loop, co);
+  aet::CheckoutOptions short_timeout, mid_timeout;
+  short_timeout.timeout = 0.2;
+  mid_timeout.timeout = 0.6;
+  std::vector<std::pair<std::string, double>> expired;  // which, when
+  const double start = now();
+  auto expect = [&](const std::string& which) {
+    return [&, which](const std::exception& e, const std::string&) {
+      expired.emplace_back(which + ": " + e.what(), now() - start);
+    };
+  };
+  aet::frame_try([&] { client.checkout().call("pid", {}, [](aet::Checkout&, Json) {}); }, expect("default"));
+  aet::frame_try([&] { client.checkout(mid_timeout).call("pid", {}, [](aet::Checkout&, Json) {}); }, expect("mid"));
+  aet::frame_try([&] { client.checkout(short_timeout).call("pid", {}, [](aet::Checkout&, Json) {}); },
+                 expect("short"));
+  REQUIRE(run_until(loop, [&] { return expired.size() == 3; }, 5));
+  REQUIRE(expired[0].first == "short: timed out after 0.2 seconds");
+  REQUIRE(expired[1].first == "mid: timed out after 0.6 seconds");
+  REQUIRE(expired[2].first == "default: timed out after 1.2 seconds");
+  CHECK(expired[0].second >= 0.19);
+  CHECK(expired[0].second < 0.5);
+  CHECK(expired[1].second >= 0.59);
+  CHECK(expired[1].second < 0.9);
+  CHECK(expired[2].second >= 1.19);
+  REQUIRE(client.pending_checkout_count() == 0);
+}
+
 TEST_CASE("a call that outlives hung_worker_timeout fails with `worker connection suddenly died`") {
   Rig rig;
   aet::ServerOptions so = rig.server_options();
