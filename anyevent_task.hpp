@@ -5212,6 +5212,7 @@ struct ClientWorker {
   bool connecting = true;
   bool dropped = false;  // out of the pool: never used again
   bool broken = false;   // a write failed; reported from the loop
+  bool replying = false;  // its replies are being delivered: it was read from just now
   IoWatcher watcher;
   Timer failure;  // reports a failed write from the loop
   std::string out;
@@ -5327,7 +5328,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       }
       ClientWorker* worker = idle.back();
       idle.pop_back();
-      if (!still_open(*worker)) {
+      if (!usable(*worker)) {
         drop_worker(*worker);  // died before the loop noticed; open_workers() replaces it
         continue;
       }
@@ -5340,7 +5341,17 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   }
 
   // An idle worker may have died since the loop last looked (a server
-  // restart, say): one peek, so that the checkout goes to a live one.
+  // restart, say): one peek, so that the checkout goes to a live one. Not
+  // for a worker whose reply is being delivered right now (released in its
+  // own reply's callback, the usual case under load): it was just read
+  // from, and a system call per checkout is too dear for what it would
+  // add; if it ends right after that reply, the call sent to it reports it.
+  // Bytes beyond its reply (a second reply nobody asked for) rule it out.
+  static bool usable(const ClientWorker& worker) {
+    if (worker.decoder.buffered() != 0) return false;
+    return worker.replying || still_open(worker);
+  }
+
   static bool still_open(const ClientWorker& worker) {
     char byte;
     ssize_t n;
@@ -5507,6 +5518,11 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     } else {
       worker.out += frame;
     }
+    push(worker);
+  }
+
+  // Sends what the worker has buffered; a failure is reported from the loop.
+  void push(ClientWorker& worker) {
     if (flush(worker) || worker.failure) return;
     std::weak_ptr<ClientState> weak_self = weak_from_this();
     std::weak_ptr<ClientWorker> weak_worker = *worker.position;
@@ -5538,6 +5554,13 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       break;
     }
     // Replies first: a worker may answer and exit at once.
+    struct Replying {
+      ClientWorker& worker;
+      explicit Replying(ClientWorker& w) : worker(w) { worker.replying = true; }
+      ~Replying() { worker.replying = false; }
+      Replying(const Replying&) = delete;
+      Replying& operator=(const Replying&) = delete;
+    } replying(*worker);
     while (!worker->dropped && !closed) {
       std::optional<Json> message;
       try {
@@ -5839,6 +5862,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   void maybe_release(const std::shared_ptr<CheckoutCore>& core) {
     if (closed || core->client != this) return;
     if (!core->handle.expired() || !core->calls.empty() || !core->doomed.empty()) return;
+    std::shared_ptr<ClientWorker> kept;  // back in the pool, its "dn" not sent yet
     core->client = nullptr;
     unqueue(*core);
     stop_timeout(*core);
@@ -5846,24 +5870,32 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     if (ClientWorker* worker = core->worker) {
       core->worker = nullptr;
       worker->checkout = nullptr;
-      bool reuse = !worker->broken && !(core->had_error && !options.dont_refork_after_error);
-      if (reuse) {
-        // A normal release: "dn" even when the worker retires now, so that
-        // checkout_done runs for every checkout released normally.
-        std::string frame = done_frame;
-        send(*worker, frame);
+      const bool clean = !worker->broken && !(core->had_error && !options.dont_refork_after_error);
+      // A normal release: "dn" even when the worker retires now, so that
+      // checkout_done runs for every checkout released normally.
+      bool retiring = false;
+      if (clean) {
         ++worker->served;
-        reuse = !worker->broken && !(worker->checkout_limit != 0 && worker->served >= worker->checkout_limit);
+        retiring = worker->checkout_limit != 0 && worker->served >= worker->checkout_limit;
       }
-      if (reuse) {
+      if (clean && !retiring) {
+        // Its "dn" waits for pump(): if a waiting checkout gets this worker
+        // now, one write carries both "dn" and that checkout's first call.
+        worker->out += done_frame;
         idle.push_back(worker);
+        kept = *worker->position;
       } else {
+        if (retiring) {
+          std::string frame = done_frame;
+          send(*worker, frame);
+        }
         drop_worker(*worker);
       }
     }
     std::shared_ptr<CheckoutCore> released = std::move(*core->position);
     checkouts.erase(core->position);
     pump();
+    if (kept && !kept->dropped && kept->out_sent < kept->out.size()) push(*kept);  // "dn" alone
   }
 
   std::shared_ptr<CheckoutCore> new_checkout(CheckoutOptions checkout_options) {

@@ -1150,6 +1150,38 @@ TEST_CASE("a worker that breaks the protocol fails its checkout with `protocol e
   REQUIRE(later.what == caught.what);
 }
 
+TEST_CASE("a stray reply read together with a reply never answers the next checkout's call") {
+  aet_test::TempDir dir;
+  aet::Loop loop;
+  FakeServer fake(loop, dir.file("fake.sock"));
+  // Every request is answered twice, in one write: 1, then a stray 2.
+  fake.reply = [](const Json&) {
+    return aet::encode_frame(Json{"ok", Json::object(), 1}) + aet::encode_frame(Json{"ok", Json::object(), 2});
+  };
+  aet::ClientOptions co;
+  co.connect = "unix:" + dir.file("fake.sock");
+  co.min_workers = 1;
+  co.max_workers = 1;
+  co.timeout = 10;
+  aet::Client client(loop, co);
+  std::optional<Json> first, second;
+  Caught caught;
+  aet::frame_try(
+      [&] {
+        // The second waits for the only worker, which is released in the
+        // first one's callback, its stray reply already read.
+        client.checkout().call("m", {}, [&](aet::Checkout&, Json r) { first = r; });
+        client.checkout().call("m", {}, [&](aet::Checkout&, Json r) { second = r; });
+      },
+      catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return second.has_value() || caught.count > 0; }));
+  INFO(caught.what);
+  REQUIRE(caught.count == 0);
+  REQUIRE(first == Json(1));
+  REQUIRE(second == Json(1));  // from a fresh worker, not the stray 2
+  REQUIRE(fake.accepted >= 2);
+}
+
 TEST_CASE("an idle worker that sends stray bytes is dropped and replaced, failing no checkout") {
   aet_test::TempDir dir;
   aet::Loop loop;
