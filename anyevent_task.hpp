@@ -3397,13 +3397,27 @@ struct LoopState {
   std::map<QueueKey, EventHost::Id> queue;  // every timer by its next deadline
   bool dispatching = false;
   bool stop_requested = false;
+  // Per-fd scratch, indexed by fd and stamped with the round that wrote
+  // it, so that nothing is cleared, hashed or allocated from round to round.
+  struct FdScratch {
+    std::uint64_t prepared = 0;  // prepare() round that gave this fd `slot`
+    std::uint64_t ready = 0;     // process() round that set `revents`
+    std::size_t slot = 0;
+    short revents = 0;
+  };
   // Scratch space reused from round to round. The two due lists are read
   // while callbacks run, which is safe because process() is not reentrant.
-  std::vector<pollfd> poll_fds;                       // run_once()'s array
-  std::unordered_map<int, std::size_t> fd_slots;      // prepare(): fd -> entry
-  std::unordered_map<int, short> ready_fds;           // process(): fd -> revents
+  std::vector<pollfd> poll_fds;  // run_once()'s array
+  std::vector<FdScratch> by_fd;
+  std::uint64_t prepare_round = 0, process_round = 0;
   std::vector<ReadyIo> due_io;
   std::vector<EventHost::Id> due_timers;
+
+  FdScratch& scratch(int fd) {
+    const auto index = static_cast<std::size_t>(fd);
+    if (index >= by_fd.size()) by_fd.resize(index + 1);
+    return by_fd[index];
+  }
 
   EventHost::Id add_timer(std::int64_t deadline, std::int64_t interval,
                           EventHost::TimerCallback callback) {
@@ -3419,20 +3433,30 @@ struct LoopState {
   void dispatch_io(const pollfd* fds, std::size_t count) {
     const bool fresh = std::exchange(prepared, false);  // a second process() reports nothing
     if (!fresh || count == 0 || ios.empty()) return;
-    std::unordered_map<int, short>& ready = ready_fds;
-    ready.clear();
-    for (std::size_t i = 0; i < count; ++i)
-      if (fds[i].revents != 0) ready[fds[i].fd] |= fds[i].revents;
-    if (ready.empty()) return;
+    const std::uint64_t round = ++process_round;
+    bool any = false;
+    for (std::size_t i = 0; i < count; ++i) {
+      const int fd = fds[i].fd;
+      if (fds[i].revents == 0 || fd < 0 || static_cast<std::size_t>(fd) >= by_fd.size()) continue;
+      FdScratch& entry = by_fd[static_cast<std::size_t>(fd)];
+      if (entry.ready != round) {
+        entry.ready = round;
+        entry.revents = 0;
+      }
+      entry.revents = static_cast<short>(entry.revents | fds[i].revents);
+      any = true;
+    }
+    if (!any) return;
 
     // Decide who is ready before calling anyone, from what was polled: an
     // interest added or widened since prepare() gets nothing from this round.
     std::vector<ReadyIo>& due = due_io;
     due.clear();
     for (const auto& [id, io] : ios) {
-      auto it = ready.find(io.fd);
-      if (it == ready.end()) continue;
-      if (unsigned events = readiness(it->second, io.polled_events)) due.push_back({id, events});
+      if (io.polled_events == 0 || static_cast<std::size_t>(io.fd) >= by_fd.size()) continue;
+      const FdScratch& entry = by_fd[static_cast<std::size_t>(io.fd)];
+      if (entry.ready != round) continue;
+      if (unsigned events = readiness(entry.revents, io.polled_events)) due.push_back({id, events});
     }
     for (const ReadyIo& r : due) {
       auto it = ios.find(r.id);
@@ -3592,19 +3616,20 @@ inline int Loop::prepare(std::vector<pollfd>& fds) {
   auto& s = *state_;
   s.prepared = true;
   // One entry per fd: where each fd's entry is among those appended here.
-  std::unordered_map<int, std::size_t>& slot = s.fd_slots;
-  slot.clear();
+  const std::uint64_t round = ++s.prepare_round;
   for (auto& [id, io] : s.ios) {
     (void)id;
     io.polled_events = io.events;
     if (io.events == 0) continue;
     const short want = static_cast<short>(((io.events & io_read) ? POLLIN : 0) |
                                           ((io.events & io_write) ? POLLOUT : 0));
-    auto [it, inserted] = slot.emplace(io.fd, fds.size());
-    if (inserted) {
+    detail::LoopState::FdScratch& entry = s.scratch(io.fd);
+    if (entry.prepared != round) {
+      entry.prepared = round;
+      entry.slot = fds.size();
       fds.push_back(pollfd{io.fd, want, 0});
     } else {
-      fds[it->second].events = static_cast<short>(fds[it->second].events | want);
+      fds[entry.slot].events = static_cast<short>(fds[entry.slot].events | want);
     }
   }
   if (s.queue.empty()) return -1;
@@ -3726,6 +3751,44 @@ inline SocketAddress parse_socket_address(const std::string& text) {
   return address;
 }
 
+// How much buffer memory a connection keeps between frames: enough for
+// large messages to go without page faults, not a peak kept for ever.
+constexpr std::size_t kept_buffer_limit = std::size_t{4} << 20;
+
+// Appends `text` as a JSON string: short plain ASCII (method names) as it
+// is, anything else through the printer (escapes, UTF-8 checks).
+inline void append_json_string(std::string& out, const std::string& text) {
+  bool plain = text.size() <= 256;
+  for (std::size_t i = 0; plain && i < text.size(); ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    plain = c >= 0x20 && c < 0x80 && c != '"' && c != '\\';
+  }
+  if (!plain) return Json(text).dump_to(out);
+  out += '"';
+  out += text;
+  out += '"';
+}
+
+// True if `command` is the two-letter command `name` (cheaper than
+// comparing with a C string, which measures it first).
+inline bool is_command(const std::string& command, const char (&name)[3]) noexcept {
+  return command.size() == 2 && command[0] == name[0] && command[1] == name[1];
+}
+
+// Writes the length of the frame that starts at `start` of `out` (4 bytes
+// reserved there) into its header.
+inline void seal_frame(std::string& out, std::size_t start) {
+  const std::size_t length = out.size() - start - 4;
+  if (length > 0xFFFFFFFFu) {
+    out.resize(start);
+    throw ProtocolError("message of " + std::to_string(length) + " bytes is too large for a frame");
+  }
+  out[start] = static_cast<char>(length >> 24);
+  out[start + 1] = static_cast<char>(length >> 16);
+  out[start + 2] = static_cast<char>(length >> 8);
+  out[start + 3] = static_cast<char>(length);
+}
+
 inline void check_length(const char* command, std::size_t got, std::size_t expected) {
   if (got != expected)
     throw ProtocolError(std::string("\"") + command + "\" message has " + std::to_string(got) +
@@ -3743,15 +3806,7 @@ inline void append_frame(std::string& out, const Json& message) {
     out.resize(start);
     throw;
   }
-  const std::size_t length = out.size() - start - 4;
-  if (length > 0xFFFFFFFFu) {
-    out.resize(start);
-    throw ProtocolError("message of " + std::to_string(length) + " bytes is too large for a frame");
-  }
-  out[start] = static_cast<char>(length >> 24);
-  out[start + 1] = static_cast<char>(length >> 16);
-  out[start + 2] = static_cast<char>(length >> 8);
-  out[start + 3] = static_cast<char>(length);
+  detail::seal_frame(out, start);
 }
 
 inline std::string encode_frame(const Json& message) {
@@ -3767,14 +3822,16 @@ inline void check_message(const Json& message) {
   if (!parts[0].is_string())
     throw ProtocolError(std::string("message command is not a string but ") + to_string(parts[0].type()));
   const std::string& command = parts[0].as_string();
-  const bool known = command == "do" || command == "dn" || command == "ok" || command == "er";
+  using detail::is_command;
+  const bool known =
+      is_command(command, "do") || is_command(command, "dn") || is_command(command, "ok") || is_command(command, "er");
   if (!known) throw ProtocolError("unknown command " + detail::quoted_for_message(command));
   if (parts.size() < 2) throw ProtocolError("\"" + command + "\" message has no meta");
   if (!parts[1].is_object())
     throw ProtocolError(std::string("meta is not an object but ") + to_string(parts[1].type()));
-  if (command == "dn") detail::check_length("dn", parts.size(), 2);
-  if (command == "ok") detail::check_length("ok", parts.size(), 3);
-  if (command == "er") {
+  if (is_command(command, "dn")) detail::check_length("dn", parts.size(), 2);
+  if (is_command(command, "ok")) detail::check_length("ok", parts.size(), 3);
+  if (is_command(command, "er")) {
     detail::check_length("er", parts.size(), 3);
     if (!parts[2].is_string())
       throw ProtocolError(std::string("\"er\" message is not a string but ") + to_string(parts[2].type()));
@@ -3803,7 +3860,7 @@ inline void FrameDecoder::compact() {
 
 // After a large frame, gives its memory back instead of keeping the peak.
 inline void FrameDecoder::release_if_drained() {
-  if (read_pos_ != buffer_.size() || buffer_.capacity() <= (std::size_t{1} << 20)) return;
+  if (read_pos_ != buffer_.size() || buffer_.capacity() <= detail::kept_buffer_limit) return;
   std::string().swap(buffer_);
   read_pos_ = pending_pos_ = 0;
 }
@@ -4196,7 +4253,34 @@ inline volatile sig_atomic_t worker_stop_requested = 0;
 inline char hung_message[512];
 inline std::size_t hung_message_size = 0;
 
-inline void on_worker_stop_signal(int) { worker_stop_requested = 1; }
+// Set while the worker is idle: from its last look at worker_stop_requested
+// until its wait ends. A stop signal then ends the worker from the handler
+// itself (there is nothing to finish), so the wait needs no signals blocked
+// around it (a stop signal between the look and the wait is not lost).
+inline volatile sig_atomic_t worker_idle = 0;
+inline volatile sig_atomic_t worker_connection = -1;
+
+// Ends a worker for SIGTERM/SIGINT with a clean end of stream. Closing with
+// input unread (a request that came too late, the "dn" after a last reply)
+// would make TCP reset the connection, which may discard a reply still in
+// flight: the end is sent first, then what has arrived is read and dropped
+// (a bounded amount: a client that keeps sending cannot hold the worker).
+// Async-signal-safe.
+[[noreturn]] inline void end_worker_for_stop(int conn) noexcept {
+  ::shutdown(conn, SHUT_WR);
+  char scrap[4096];
+  for (int round = 0; round < 256; ++round) {
+    ssize_t n = ::recv(conn, scrap, sizeof scrap, MSG_DONTWAIT);
+    if (n > 0 || (n < 0 && errno == EINTR)) continue;
+    break;
+  }
+  ::_exit(0);
+}
+
+inline void on_worker_stop_signal(int) {
+  worker_stop_requested = 1;
+  if (worker_idle) end_worker_for_stop(worker_connection);
+}
 
 // What the SIGALRM handler of a worker reads: whether a request runs, when
 // it started, and where the polite timer is armed.
@@ -4350,12 +4434,16 @@ class WorkerRequests {
   // reply frame for a "do", an empty string for a "dn" (nothing to send).
   // ProtocolError for what a client must not send.
   std::string handle(Json& message) {
+    std::string reply;
+    handle(message, reply);
+    return reply;
+  }
+  // The same, written to `reply` (replaced), whose buffer the worker keeps.
+  void handle(Json& message, std::string& reply) {
+    reply.clear();
     const std::string& command = message[0].as_string();
-    if (command == "do") return request(message);
-    if (command == "dn") {
-      checkout_done();
-      return {};
-    }
+    if (is_command(command, "do")) return request(message, reply);
+    if (is_command(command, "dn")) return checkout_done();
     throw ProtocolError("unexpected \"" + command + "\" message from the client");
   }
 
@@ -4372,10 +4460,10 @@ class WorkerRequests {
     }
   }
 
-  std::string request(Json& message) {
+  void request(Json& message, std::string& out) {
     Json::Array& parts = message.as_array();
-    Json args(Json::Array(std::make_move_iterator(parts.begin() + 2),
-                          std::make_move_iterator(parts.end())));
+    parts.erase(parts.begin(), parts.begin() + 2);  // the arguments are left, in place
+    Json args(std::move(message));
     bool ok = false;
     Json result;
     std::string error;
@@ -4412,7 +4500,7 @@ class WorkerRequests {
     } catch (const std::exception& e) {
       log_line(prefix_ + "cannot finish the request log: " + e.what());
     }
-    return reply(ok, std::move(log), std::move(result), std::move(error));
+    reply(ok, std::move(log), std::move(result), std::move(error), out);
   }
 
   Json call(Json args) {
@@ -4425,18 +4513,37 @@ class WorkerRequests {
       auto method = methods->find(name);
       if (method == methods->end()) throw Error("unknown method \"" + name + "\"");
       if (!method->second) throw Error("method \"" + name + "\" has no function");
-      Json rest(Json::Array(std::make_move_iterator(all.begin() + 1),
-                            std::make_move_iterator(all.end())));
-      return method->second(rest);
+      all.erase(all.begin());  // the method's own arguments are left
+      return method->second(args);
     }
     return std::get<CatchAll>(options_.interface)(args);
   }
 
-  // The frame of ["ok", meta, result] or ["er", meta, error]. Each part
-  // JSON cannot carry is mended on its own: a log becomes one warning saying
-  // it could not be sent, a result becomes the error "result cannot be sent
-  // as JSON: ...", an error text loses its non-ASCII bytes.
-  std::string reply(bool ok, Json log, Json result, std::string error) {
+  // The frame of ["ok", meta, result] or ["er", meta, error], into `frame`.
+  // Each part JSON cannot carry is mended on its own: a log becomes one
+  // warning saying it could not be sent, a result becomes the error "result
+  // cannot be sent as JSON: ...", an error text loses its non-ASCII bytes.
+  void reply(bool ok, Json log, Json result, std::string error, std::string& frame) {
+    // The usual case, written straight into the frame; anything JSON cannot
+    // carry takes the general path below, which finds out what.
+    try {
+      frame.assign(4, '\0');
+      frame += ok ? "[\"ok\",{" : "[\"er\",{";
+      if (!log.is_null()) {
+        frame += "\"ld\":";
+        log.dump_to(frame);
+      }
+      frame += "},";
+      if (ok) {
+        result.dump_to(frame);
+      } else {
+        append_json_string(frame, error);
+      }
+      frame += ']';
+      seal_frame(frame, 0);
+      return;
+    } catch (const std::exception&) {
+    }
     Json meta = Json::object();
     if (!log.is_null()) meta["ld"] = std::move(log);
     Json message = Json::array();
@@ -4448,21 +4555,23 @@ class WorkerRequests {
       message.push_back(error);
     }
     std::string why;
-    if (std::optional<std::string> frame = try_encode(message, why)) return std::move(*frame);
-    if (Json* ld = message[1].find("ld"); ld && !try_encode(*ld, why)) *ld = unsendable_log(*ld, why);
-    if (std::optional<std::string> frame = try_encode(message, why)) return std::move(*frame);
+    if (try_encode(message, why, frame)) return;
+    if (Json* ld = message[1].find("ld"); ld && !try_encode(*ld, why, frame)) *ld = unsendable_log(*ld, why);
+    if (try_encode(message, why, frame)) return;
     message[0] = "er";
     message[2] = ok ? "result cannot be sent as JSON: " + why : ascii_only(error);
-    if (std::optional<std::string> frame = try_encode(message, why)) return std::move(*frame);
-    return encode_frame(Json{"er", Json::object(), message[2]});
+    if (try_encode(message, why, frame)) return;
+    frame = encode_frame(Json{"er", Json::object(), message[2]});
   }
 
-  static std::optional<std::string> try_encode(const Json& message, std::string& why) {
+  // `message` as a frame into `frame`, or false with the reason in `why`.
+  static bool try_encode(const Json& message, std::string& why, std::string& frame) {
     try {
-      return encode_frame(message);
+      frame = encode_frame(message);
+      return true;
     } catch (const std::exception& e) {
       why = e.what();
-      return std::nullopt;
+      return false;
     }
   }
 
@@ -4491,6 +4600,7 @@ class Worker {
         conn_(conn),
         decoder_(options.max_frame),
         prefix_("aet-worker:" + options_.name + "[" + std::to_string(::getpid()) + "]: ") {
+    worker_connection = conn;
     if (options_.hung_worker_timeout > 0) {
       std::string line = prefix_ + "hung_worker_timeout of " +
                          format_seconds(options_.hung_worker_timeout) + " s exceeded, exiting\n";
@@ -4506,40 +4616,35 @@ class Worker {
   }
 
   [[noreturn]] void serve_forever() {
-    sigset_t stop_signals;
-    sigemptyset(&stop_signals);
-    sigaddset(&stop_signals, SIGTERM);
-    sigaddset(&stop_signals, SIGINT);
     std::vector<char> buffer(64 * 1024);
     for (;;) {
       for (;;) {
         std::optional<Json> message;
-        std::string reply;
         try {
           message = decoder_.next();
           if (!message) break;
-          reply = requests_->handle(*message);
+          requests_->handle(*message, reply_);
         } catch (const ProtocolError& e) {
           protocol_error(e.what());
         }
-        if (!reply.empty()) send_all(reply);
+        if (!reply_.empty()) send_all(reply_);
+        if (reply_.capacity() > kept_buffer_limit) std::string().swap(reply_);
         if (worker_stop_requested) exit_for_stop();
       }
-      // The stop signals are let in only inside ppoll(), atomically: a
-      // SIGTERM cannot slip in between the check and the wait. They are let
-      // in even if a handler blocked them: the worker owns them.
-      sigset_t previous;
-      sigprocmask(SIG_BLOCK, &stop_signals, &previous);
-      if (worker_stop_requested) exit_for_stop();
-      sigset_t waiting = previous;
+      // The stop signals are let in while waiting even if a handler blocked
+      // them: the worker owns them.
+      sigset_t waiting;
+      sigprocmask(SIG_BLOCK, nullptr, &waiting);
       sigdelset(&waiting, SIGTERM);
       sigdelset(&waiting, SIGINT);
-      pollfd readable{conn_, POLLIN, 0};
       const int wait_ms = timer_ ? timer_->idle_wait_ms() : -1;
-      timespec wait{wait_ms / 1000, static_cast<long>(wait_ms % 1000) * 1000000};
+      const timespec wait{wait_ms / 1000, static_cast<long>(wait_ms % 1000) * 1000000};
+      pollfd readable{conn_, POLLIN, 0};
+      worker_idle = 1;  // from here a stop signal ends the worker at once
+      if (worker_stop_requested) exit_for_stop();
       int ready = ::ppoll(&readable, 1, wait_ms < 0 ? nullptr : &wait, &waiting);
       int error = errno;
-      sigprocmask(SIG_SETMASK, &previous, nullptr);
+      worker_idle = 0;
       if (ready < 0) {
         if (error == EINTR || error == EAGAIN) continue;
         fail("poll: " + errno_text(error));
@@ -4566,22 +4671,7 @@ class Worker {
     log_line(prefix_ + "protocol error: " + what);
     ::_exit(1);
   }
-  // Exits for SIGTERM/SIGINT with a clean end of stream. Closing with input
-  // unread (a request that came too late, the "dn" after a last reply)
-  // would make TCP reset the connection, which may discard a reply still in
-  // flight: the end is sent first, then what has arrived is read and
-  // dropped (a bounded amount: a client that keeps sending cannot hold the
-  // worker).
-  [[noreturn]] void exit_for_stop() {
-    ::shutdown(conn_, SHUT_WR);
-    char scrap[4096];
-    for (int round = 0; round < 256; ++round) {
-      ssize_t n = ::recv(conn_, scrap, sizeof scrap, MSG_DONTWAIT);
-      if (n > 0 || (n < 0 && errno == EINTR)) continue;
-      break;
-    }
-    ::_exit(0);
-  }
+  [[noreturn]] void exit_for_stop() { end_worker_for_stop(conn_); }
   [[noreturn]] void fail(const std::string& what) {
     log_line(prefix_ + what);
     ::_exit(1);
@@ -4617,6 +4707,7 @@ class Worker {
   std::string prefix_;
   std::optional<HungTimer> timer_;
   std::optional<WorkerRequests> requests_;  // after timer_, which it points to
+  std::string reply_;  // kept from reply to reply (up to kept_buffer_limit)
 };
 
 // The freshly forked child of the master: becomes a worker for `conn`.
@@ -5117,18 +5208,34 @@ struct ClientCall {
   double deadline = -1;  // monotonic seconds: when queued plus the timeout; < 0: none
 };
 
-inline std::string encode_call(const std::optional<std::string>& method, Json args) {
-  Json::Array message;
-  message.reserve(3 + (args.is_array() ? args.size() : 1));
-  message.emplace_back("do");
-  message.emplace_back(Json::object());
-  if (method) message.emplace_back(*method);
-  if (args.is_array()) {
-    for (Json& arg : args.as_array()) message.push_back(std::move(arg));
-  } else if (!args.is_null()) {
-    message.push_back(std::move(args));
+// ["do",{},method,args...] written straight into a frame in `scratch`
+// (which keeps its capacity from call to call), without building the
+// message as a Json.
+inline void encode_call(const std::optional<std::string>& method, const Json& args, std::string& scratch) {
+  scratch.assign(4, '\0');
+  scratch += "[\"do\",{}";
+  if (method) {
+    scratch += ',';
+    append_json_string(scratch, *method);
   }
-  return encode_frame(Json(std::move(message)));
+  if (args.is_array()) {
+    for (const Json& arg : args.as_array()) {
+      scratch += ',';
+      arg.dump_to(scratch);
+    }
+  } else if (!args.is_null()) {
+    scratch += ',';
+    args.dump_to(scratch);
+  }
+  scratch += ']';
+  seal_frame(scratch, 0);
+}
+
+// The frame in `scratch` as a string of its own for a queued call: a small
+// one copied to its size, a large one with the scratch's buffer.
+inline std::string take_frame(std::string& scratch) {
+  if (scratch.size() <= 4096) return std::string(scratch);
+  return std::exchange(scratch, std::string());
 }
 
 // A list, not a deque: an empty one allocates nothing, and a pending
@@ -5173,6 +5280,7 @@ struct ClientWorker {
   bool connecting = true;
   bool dropped = false;  // out of the pool: never used again
   bool broken = false;   // a write failed; reported from the loop
+  bool replying = false;  // its replies are being delivered: it was read from just now
   IoWatcher watcher;
   Timer failure;  // reports a failed write from the loop
   std::string out;
@@ -5201,7 +5309,12 @@ struct CheckoutCore {
   CallQueue calls;  // the front one is on the wire when in_flight
   bool in_flight = false;
   double timeout = forever;
-  Timer timeout_timer;
+  // In ClientState's list of timed checkouts while a call runs against
+  // the timeout (see start_timeout()).
+  bool timed = false;
+  double deadline = 0;  // Loop::now() seconds
+  CheckoutCore* timed_prev = nullptr;
+  CheckoutCore* timed_next = nullptr;
   std::optional<LogDefer> log_defer;
   std::optional<LogDefer::Timer> call_timer;
   bool had_error = false;  // an error reply: the worker is not reused
@@ -5250,6 +5363,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   std::vector<ClientAddress> addresses;  // tried in turn by each connect
   std::string done_frame;
   std::vector<char> read_buffer;  // shared by every worker: reads never overlap
+  std::string call_scratch;       // where call frames are encoded
   std::minstd_rand random;        // draws each worker's checkout limit
   bool closed = false;
   std::list<std::shared_ptr<ClientWorker>> workers;  // connected or connecting
@@ -5258,6 +5372,10 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   std::list<std::shared_ptr<CheckoutCore>> checkouts;  // every live checkout
   std::list<CheckoutCore*> pending;                 // not yet served, in order
   Timer retry;  // armed after a failed connect: no new attempt before it fires
+  CheckoutCore* timed_head = nullptr;  // checkouts under a timeout, soonest first
+  CheckoutCore* timed_tail = nullptr;
+  Timer deadline_timer;  // for the soonest of them, or earlier
+  double deadline_timer_at = 0;
 
   // -- the pool --
 
@@ -5280,7 +5398,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       }
       ClientWorker* worker = idle.back();
       idle.pop_back();
-      if (!still_open(*worker)) {
+      if (!usable(*worker)) {
         // Died before the loop noticed; open_workers() replaces it.
         if (!worker->held) arm_retry();
         drop_worker(*worker);
@@ -5296,7 +5414,17 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   }
 
   // An idle worker may have died since the loop last looked (a server
-  // restart, say): one peek, so that the checkout goes to a live one.
+  // restart, say): one peek, so that the checkout goes to a live one. Not
+  // for a worker whose reply is being delivered right now (released in its
+  // own reply's callback, the usual case under load): it was just read
+  // from, and a system call per checkout is too dear for what it would
+  // add; if it ends right after that reply, the call sent to it reports it.
+  // Bytes beyond its reply (a second reply nobody asked for) rule it out.
+  static bool usable(const ClientWorker& worker) {
+    if (worker.decoder.buffered() != 0) return false;
+    return worker.replying || still_open(worker);
+  }
+
   static bool still_open(const ClientWorker& worker) {
     char byte;
     ssize_t n;
@@ -5475,6 +5603,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       return false;
     }
     worker.out.clear();  // keeps its capacity for the next call
+    if (worker.out.capacity() > kept_buffer_limit) std::string().swap(worker.out);
     worker.out_sent = 0;
     if (worker.watcher.events() & io_write) worker.watcher.set_events(io_read);
     return true;
@@ -5488,6 +5617,11 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     } else {
       worker.out += frame;
     }
+    push(worker);
+  }
+
+  // Sends what the worker has buffered; a failure is reported from the loop.
+  void push(ClientWorker& worker) {
     if (flush(worker) || worker.failure) return;
     std::weak_ptr<ClientState> weak_self = weak_from_this();
     std::weak_ptr<ClientWorker> weak_worker = *worker.position;
@@ -5519,6 +5653,13 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       break;
     }
     // Replies first: a worker may answer and exit at once.
+    struct Replying {
+      ClientWorker& worker;
+      explicit Replying(ClientWorker& w) : worker(w) { worker.replying = true; }
+      ~Replying() { worker.replying = false; }
+      Replying(const Replying&) = delete;
+      Replying& operator=(const Replying&) = delete;
+    } replying(*worker);
     while (!worker->dropped && !closed) {
       std::optional<Json> message;
       try {
@@ -5556,9 +5697,9 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       return;
     }
     // FrameDecoder checked the shape: ok and er are [kind, {meta}, payload].
-    const std::string kind = message[0].as_string();
-    if (kind != "ok" && kind != "er") {
-      worker_failed(worker, "protocol error: unexpected \"" + kind + "\" message from the worker");
+    const bool ok = is_command(message[0].as_string(), "ok");
+    if (!ok && !is_command(message[0].as_string(), "er")) {
+      worker_failed(worker, "protocol error: unexpected \"" + message[0].as_string() + "\" message from the worker");
       return;
     }
     std::shared_ptr<CheckoutCore> core = *holder->position;
@@ -5566,7 +5707,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     core->calls.pop_front();
     core->in_flight = false;
     core->call_timer.reset();
-    core->timeout_timer.reset();
+    stop_timeout(*core);
     if (core->log_defer) {
       if (const Json* log = message[1].find("ld"); log && log->is_object()) {
         try {
@@ -5577,9 +5718,9 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       }
     }
     Json& payload = message.as_array()[2];
-    if (kind == "ok") {
+    if (ok) {
       if (!core->calls.empty()) {
-        arm_timeout(core);
+        start_timeout(*core);
         send_next(*core);
       }
       deliver_result(core, std::move(call), std::move(payload));
@@ -5595,39 +5736,97 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
 
   // -- checkouts --
 
-  void send_next(CheckoutCore& core) {
+  // Sends the first queued call: its frame, or `frame` if given.
+  void send_next(CheckoutCore& core, std::string* frame = nullptr) {
     ClientCall& call = core.calls.front();
     core.in_flight = true;
     if (core.log_defer) core.call_timer.emplace(core.log_defer->timer(call.method ? *call.method : "->()"));
-    send(*core.worker, call.frame);
+    send(*core.worker, frame ? *frame : call.frame);
   }
 
-  // Arms the checkout's timer for the deadline of its first call.
-  void arm_timeout(const std::shared_ptr<CheckoutCore>& core) {
-    const double deadline = core->calls.front().deadline;
-    if (deadline < 0) return;  // aet::forever
-    std::weak_ptr<CheckoutCore> weak = core;
-    core->timeout_timer = Timer(host, deadline - monotonic_seconds(), 0, [weak] {
-      auto core = weak.lock();
-      if (!core || !core->client || core->client->closed) return;
-      std::shared_ptr<ClientState> self = core->client->shared_from_this();
-      char text[64];
-      std::snprintf(text, sizeof(text), "timed out after %g seconds", core->timeout);
-      self->fail(core, true, text);
+  // -- timeouts --
+  //
+  // The checkouts whose call runs against its timeout are linked through
+  // the checkouts themselves, soonest deadline first, and one loop timer
+  // stands for them all: a call's timeout costs no allocation and no timer
+  // of its own. The timer is set for the soonest deadline, or earlier (it
+  // is not moved when the soonest checkout leaves the list): it then looks
+  // again and sets itself for the new soonest.
+
+  // For the deadline of the checkout's first call (when it was queued
+  // plus the timeout, as each call has its own).
+  void start_timeout(CheckoutCore& core) {
+    stop_timeout(core);
+    core.deadline = core.calls.front().deadline;
+    if (core.deadline < 0) return;  // aet::forever
+    // From the back: with the usual single timeout value, that is where
+    // it goes.
+    CheckoutCore* after = timed_tail;
+    while (after && after->deadline > core.deadline) after = after->timed_prev;
+    core.timed_prev = after;
+    core.timed_next = after ? after->timed_next : timed_head;
+    (core.timed_next ? core.timed_next->timed_prev : timed_tail) = &core;
+    (after ? after->timed_next : timed_head) = &core;
+    core.timed = true;
+    if (!deadline_timer || core.deadline < deadline_timer_at) set_deadline_timer(core.deadline);
+  }
+
+  void stop_timeout(CheckoutCore& core) noexcept {
+    if (!core.timed) return;
+    (core.timed_prev ? core.timed_prev->timed_next : timed_head) = core.timed_next;
+    (core.timed_next ? core.timed_next->timed_prev : timed_tail) = core.timed_prev;
+    core.timed_prev = core.timed_next = nullptr;
+    core.timed = false;
+  }
+
+  void set_deadline_timer(double at) {
+    deadline_timer_at = at;
+    std::weak_ptr<ClientState> weak = weak_from_this();
+    deadline_timer = Timer(host, at - Loop::now(), 0, [weak] {
+      auto self = weak.lock();
+      if (!self || self->closed) return;
+      self->deadline_timer.reset();
+      self->expire_timeouts();
     });
   }
 
-  void queue_call(const std::shared_ptr<CheckoutCore>& core, ClientCall call) {
+  // Fails every checkout whose deadline has passed.
+  void expire_timeouts() {
+    const double now = Loop::now();
+    std::vector<std::shared_ptr<CheckoutCore>> expired;
+    while (timed_head && timed_head->deadline <= now) {
+      expired.push_back(*timed_head->position);
+      stop_timeout(*timed_head);
+    }
+    if (timed_head) set_deadline_timer(timed_head->deadline);
+    std::shared_ptr<ClientState> self = shared_from_this();  // a callback may drop the client
+    for (const std::shared_ptr<CheckoutCore>& core : expired) {
+      if (closed) return;
+      // Failed, released or given a fresh timeout by an earlier delivery:
+      // its call is no longer the one that expired.
+      if (core->client != this || core->failed || core->timed) continue;
+      char text[64];
+      std::snprintf(text, sizeof(text), "timed out after %g seconds", core->timeout);
+      fail(core, true, text);
+    }
+  }
+
+  // `frame` is call_scratch. A call that goes out at once is sent from it
+  // (its buffer and the worker's swap, so neither is allocated again); one
+  // that waits takes a copy.
+  void queue_call(const std::shared_ptr<CheckoutCore>& core, ClientCall call, std::string& frame) {
     if (core->failed) {
       doom_later(core, std::move(call));
       return;
     }
-    if (core->timeout >= 0) call.deadline = monotonic_seconds() + core->timeout;
+    if (core->timeout >= 0) call.deadline = Loop::now() + core->timeout;
+    const bool now = core->worker && !core->in_flight;
+    if (!now) call.frame = take_frame(frame);
     core->calls.push_back(std::move(call));
-    if (!core->timeout_timer) arm_timeout(core);
-    if (core->worker) {
-      if (!core->in_flight) send_next(*core);
-    } else {
+    if (!core->timed) start_timeout(*core);
+    if (now) {
+      send_next(*core, &frame);
+    } else if (!core->worker) {
       pump();
     }
   }
@@ -5646,7 +5845,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     core.failed = true;
     core.fatal_is_timeout = timeout;
     core.fatal = message;
-    core.timeout_timer.reset();
+    stop_timeout(core);
     core.call_timer.reset();
     core.in_flight = false;
     unqueue(core);
@@ -5737,8 +5936,8 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
 
   void deliver_result(const std::shared_ptr<CheckoutCore>& core, ClientCall call, Json result) {
     Checkout handle = handle_for(core);
-    // The framed callback routes a throw to its catchers, or rethrows it.
-    call.callback(handle, std::move(result));
+    // Run in its frame: a throw goes to that frame's catchers, or out.
+    call.context.run([&] { call.callback(handle, std::move(result)); });
   }
 
   void deliver_error(std::shared_ptr<CheckoutCore> core, ClientCall call, std::exception_ptr error,
@@ -5763,31 +5962,40 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   void maybe_release(const std::shared_ptr<CheckoutCore>& core) {
     if (closed || core->client != this) return;
     if (!core->handle.expired() || !core->calls.empty() || !core->doomed.empty()) return;
+    std::shared_ptr<ClientWorker> kept;  // back in the pool, its "dn" not sent yet
     core->client = nullptr;
     unqueue(*core);
-    core->timeout_timer.reset();
+    stop_timeout(*core);
     core->doomed_timer.reset();
     if (ClientWorker* worker = core->worker) {
       core->worker = nullptr;
       worker->checkout = nullptr;
-      bool reuse = !worker->broken && !(core->had_error && !options.dont_refork_after_error);
-      if (reuse) {
-        // A normal release: "dn" even when the worker retires now, so that
-        // checkout_done runs for every checkout released normally.
-        std::string frame = done_frame;
-        send(*worker, frame);
+      const bool clean = !worker->broken && !(core->had_error && !options.dont_refork_after_error);
+      // A normal release: "dn" even when the worker retires now, so that
+      // checkout_done runs for every checkout released normally.
+      bool retiring = false;
+      if (clean) {
         ++worker->served;
-        reuse = !worker->broken && !(worker->checkout_limit != 0 && worker->served >= worker->checkout_limit);
+        retiring = worker->checkout_limit != 0 && worker->served >= worker->checkout_limit;
       }
-      if (reuse) {
+      if (clean && !retiring) {
+        // Its "dn" waits for pump(): if a waiting checkout gets this worker
+        // now, one write carries both "dn" and that checkout's first call.
+        worker->out += done_frame;
         idle.push_back(worker);
+        kept = *worker->position;
       } else {
+        if (retiring) {
+          std::string frame = done_frame;
+          send(*worker, frame);
+        }
         drop_worker(*worker);
       }
     }
     std::shared_ptr<CheckoutCore> released = std::move(*core->position);
     checkouts.erase(core->position);
     pump();
+    if (kept && !kept->dropped && kept->out_sent < kept->out.size()) push(*kept);  // "dn" alone
   }
 
   std::shared_ptr<CheckoutCore> new_checkout(CheckoutOptions checkout_options) {
@@ -5817,10 +6025,11 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     workers.clear();
     pending.clear();
     idle.clear();
+    deadline_timer.reset();
     for (auto& core : gone_checkouts) {
+      stop_timeout(*core);
       core->client = nullptr;
       core->worker = nullptr;
-      core->timeout_timer.reset();
       core->doomed_timer.reset();
     }
     for (auto& worker : gone_workers) {
@@ -5855,16 +6064,18 @@ inline std::shared_ptr<CheckoutCore> live_core(const std::shared_ptr<CheckoutSta
 
 // -- Checkout --
 
+// The callback is stored as it is beside its frame, not wrapped in a
+// Framed (which would take an allocation of its own): the client runs it
+// in that frame, as the wrapper would.
 template <class F>
 void Checkout::call(std::string method, Json args, F callback, const char* file, int line) {
   if constexpr (is_framed<std::decay_t<F>>::value) {
     FrameContext context = callback.context();
-    enqueue(std::optional<std::string>(std::move(method)), std::move(args), Callback(std::move(callback)),
+    enqueue(std::optional<std::string>(std::move(method)), std::move(args), Callback(std::move(callback).code()),
             std::move(context));
   } else {
-    auto framed = frame(std::move(callback), Catcher{}, frame_name(&method), file, line);
-    FrameContext context = framed.context();
-    enqueue(std::optional<std::string>(std::move(method)), std::move(args), Callback(std::move(framed)),
+    FrameContext context = detail::push_frame(Catcher{}, frame_name(&method), file, line);
+    enqueue(std::optional<std::string>(std::move(method)), std::move(args), Callback(std::move(callback)),
             std::move(context));
   }
 }
@@ -5873,30 +6084,37 @@ template <class F>
 void Checkout::operator()(Json args, F callback, const char* file, int line) {
   if constexpr (is_framed<std::decay_t<F>>::value) {
     FrameContext context = callback.context();
-    enqueue(std::nullopt, std::move(args), Callback(std::move(callback)), std::move(context));
+    enqueue(std::nullopt, std::move(args), Callback(std::move(callback).code()), std::move(context));
   } else {
-    auto framed = frame(std::move(callback), Catcher{}, frame_name(nullptr), file, line);
-    FrameContext context = framed.context();
-    enqueue(std::nullopt, std::move(args), Callback(std::move(framed)), std::move(context));
+    FrameContext context = detail::push_frame(Catcher{}, frame_name(nullptr), file, line);
+    enqueue(std::nullopt, std::move(args), Callback(std::move(callback)), std::move(context));
   }
 }
 
 inline std::string Checkout::frame_name(const std::string* method) const {
   std::shared_ptr<detail::CheckoutCore> core = detail::live_core(state_);
-  return core->client->name + " -> " + (method ? *method : std::string("->()"));
+  const std::string& client = core->client->name;
+  const char* called = method ? method->c_str() : "->()";
+  const std::size_t called_size = method ? method->size() : 4;
+  std::string name;
+  name.reserve(client.size() + 4 + called_size);
+  name.append(client).append(" -> ").append(called, called_size);
+  return name;
 }
 
 inline void Checkout::enqueue(std::optional<std::string> method, Json args, Callback callback,
                               FrameContext context) {
   std::shared_ptr<detail::CheckoutCore> core = detail::live_core(state_);
   std::shared_ptr<detail::ClientState> client = core->client->shared_from_this();
-  std::string frame = detail::encode_call(method, std::move(args));
+  std::string& frame = client->call_scratch;
+  detail::encode_call(method, args, frame);
   // The worker would refuse it and exit: say so here, where it can be fixed.
   if (frame.size() - 4 > client->options.max_frame)
     throw ProtocolError("request of " + std::to_string(frame.size() - 4) + " bytes exceeds the limit of " +
                         std::to_string(client->options.max_frame));
-  client->queue_call(core, detail::ClientCall{std::move(method), std::move(frame), std::move(callback),
-                                              std::move(context)});
+  client->queue_call(core, detail::ClientCall{std::move(method), {}, std::move(callback), std::move(context)},
+                     frame);
+  if (frame.capacity() > detail::kept_buffer_limit) std::string().swap(frame);
 }
 
 inline void Checkout::throw_fatal_error(const std::string& message) {

@@ -96,6 +96,13 @@ struct Rig {
     so.interface = aet::Methods{
         {"pid", [](const Json&) -> Json { return static_cast<std::int64_t>(::getpid()); }},
         {"echo", [](const Json& a) { return a.size() == 1 ? a[0] : a; }},
+        // A millisecond of blocking work, then the argument back: paces a
+        // load test so that it lasts long enough for the faults it injects.
+        {"work",
+         [](const Json& a) {
+           std::this_thread::sleep_for(std::chrono::milliseconds(1));
+           return a[0];
+         }},
         {"fail", [](const Json& a) -> Json { throw std::runtime_error("failed " + a.dump()); }},
         {"crash", [](const Json&) -> Json { std::abort(); }},
         {"sleep",
@@ -873,7 +880,7 @@ TEST_CASE("20,000 calls over 20 workers under SIGKILLs every 50 ms and a server 
           if (!before.count(fd)) baseline_fds.insert(fd);
         ++restarts;
       }
-      checkout.call("echo", {id},
+      checkout.call("work", {id},
                     aet::frame(
                         [&, id, left](aet::Checkout& c, Json r) {
                           if (r != id) ++wrong[static_cast<std::size_t>(id)];

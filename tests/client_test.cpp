@@ -703,6 +703,40 @@ TEST_CASE("with timeout aet::forever a call longer than a short default still su
   }
 }
 
+TEST_CASE("checkouts with different timeouts each expire at their own deadline, whatever their order") {
+  // The client keeps one timer for all its deadlines: a later checkout
+  // with a shorter timeout must still expire first, and on time.
+  Rig rig;
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();  // no server: every call waits
+  co.timeout = 1.2;
+  aet::Client client(loop, co);
+  aet::CheckoutOptions short_timeout, mid_timeout;
+  short_timeout.timeout = 0.2;
+  mid_timeout.timeout = 0.6;
+  std::vector<std::pair<std::string, double>> expired;  // which, when
+  const double start = now();
+  auto expect = [&](const std::string& which) {
+    return [&, which](const std::exception& e, const std::string&) {
+      expired.emplace_back(which + ": " + e.what(), now() - start);
+    };
+  };
+  aet::frame_try([&] { client.checkout().call("pid", {}, [](aet::Checkout&, Json) {}); }, expect("default"));
+  aet::frame_try([&] { client.checkout(mid_timeout).call("pid", {}, [](aet::Checkout&, Json) {}); }, expect("mid"));
+  aet::frame_try([&] { client.checkout(short_timeout).call("pid", {}, [](aet::Checkout&, Json) {}); },
+                 expect("short"));
+  REQUIRE(run_until(loop, [&] { return expired.size() == 3; }, 5));
+  REQUIRE(expired[0].first == "short: timed out after 0.2 seconds");
+  REQUIRE(expired[1].first == "mid: timed out after 0.6 seconds");
+  REQUIRE(expired[2].first == "default: timed out after 1.2 seconds");
+  CHECK(expired[0].second >= 0.19);
+  CHECK(expired[0].second < 0.5);
+  CHECK(expired[1].second >= 0.59);
+  CHECK(expired[1].second < 0.9);
+  CHECK(expired[2].second >= 1.19);
+  REQUIRE(client.pending_checkout_count() == 0);
+}
+
 TEST_CASE("a call that outlives hung_worker_timeout fails with `worker connection suddenly died`") {
   Rig rig;
   aet::ServerOptions so = rig.server_options();
@@ -1343,6 +1377,38 @@ TEST_CASE("a worker that breaks the protocol fails its checkout with `protocol e
   aet::frame_try([&] { c.call("m", {}, [](aet::Checkout&, Json) {}); }, catch_into(later));
   REQUIRE(run_until(loop, [&] { return later.count > 0; }));
   REQUIRE(later.what == caught.what);
+}
+
+TEST_CASE("a stray reply read together with a reply never answers the next checkout's call") {
+  aet_test::TempDir dir;
+  aet::Loop loop;
+  FakeServer fake(loop, dir.file("fake.sock"));
+  // Every request is answered twice, in one write: 1, then a stray 2.
+  fake.reply = [](const Json&) {
+    return aet::encode_frame(Json{"ok", Json::object(), 1}) + aet::encode_frame(Json{"ok", Json::object(), 2});
+  };
+  aet::ClientOptions co;
+  co.connect = "unix:" + dir.file("fake.sock");
+  co.min_workers = 1;
+  co.max_workers = 1;
+  co.timeout = 10;
+  aet::Client client(loop, co);
+  std::optional<Json> first, second;
+  Caught caught;
+  aet::frame_try(
+      [&] {
+        // The second waits for the only worker, which is released in the
+        // first one's callback, its stray reply already read.
+        client.checkout().call("m", {}, [&](aet::Checkout&, Json r) { first = r; });
+        client.checkout().call("m", {}, [&](aet::Checkout&, Json r) { second = r; });
+      },
+      catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return second.has_value() || caught.count > 0; }));
+  INFO(caught.what);
+  REQUIRE(caught.count == 0);
+  REQUIRE(first == Json(1));
+  REQUIRE(second == Json(1));  // from a fresh worker, not the stray 2
+  REQUIRE(fake.accepted >= 2);
 }
 
 TEST_CASE("an idle worker that sends stray bytes is dropped and replaced, failing no checkout") {
