@@ -3080,6 +3080,7 @@ struct LogDeferState {
 struct LogDeferAccess {
   static LogDefer nowhere() { return LogDefer(); }
   static const LogDeferState* state(const LogDefer& log) noexcept { return log.state_.get(); }
+  static LogDeferState* state(LogDefer& log) noexcept { return log.state_.get(); }
 };
 
 template <class... Items>
@@ -3093,11 +3094,28 @@ Json make_lazy_log_item(F& make) {
   return Json(make());
 }
 
-// The log behind logger(): per request in a worker, else nowhere.
+// The log behind logger(): per request in a worker, else nowhere. A
+// request's log is made when logger() is first called in it (most
+// requests log nothing: they then cost no allocation), with the request's
+// start as its start.
 struct RequestLogs {
   LogDefer nowhere = LogDeferAccess::nowhere();
   std::optional<LogDefer> request;
   LogDefer* active = &nowhere;
+  bool in_request = false;  // between begin_request_log() and end_request_log()
+  timespec started_epoch{}, started_monotonic{};
+
+  LogDefer& current() {
+    if (in_request && !request) {
+      LogDeferState& state = *LogDeferAccess::state(request.emplace(LogDefer::Callback{}));
+      state.start_epoch = round_to_microseconds(static_cast<double>(started_epoch.tv_sec) +
+                                                static_cast<double>(started_epoch.tv_nsec) * 1e-9);
+      state.start_monotonic =
+          static_cast<double>(started_monotonic.tv_sec) + static_cast<double>(started_monotonic.tv_nsec) * 1e-9;
+      active = &*request;
+    }
+    return *active;
+  }
 };
 
 inline RequestLogs& request_logs() {
@@ -3240,19 +3258,23 @@ inline void LogDefer::merge(const Json& message) {
 
 inline Json LogDefer::message() const { return state_ ? state_->build(state_->elapsed()) : Json(); }
 
-inline LogDefer& logger() { return *detail::request_logs().active; }
+inline LogDefer& logger() { return detail::request_logs().current(); }
 
 namespace detail {
 
 inline void begin_request_log() {
   RequestLogs& logs = request_logs();
-  logs.request.emplace(LogDefer::Callback{});
-  logs.active = &*logs.request;
+  logs.request.reset();
+  logs.active = &logs.nowhere;
+  logs.in_request = true;
+  clock_gettime(CLOCK_REALTIME, &logs.started_epoch);
+  clock_gettime(CLOCK_MONOTONIC, &logs.started_monotonic);
 }
 
 inline Json end_request_log() {
   RequestLogs& logs = request_logs();
   logs.active = &logs.nowhere;
+  logs.in_request = false;
   if (!logs.request) return Json();
   std::optional<LogDefer> finished = std::move(logs.request);
   logs.request.reset();
@@ -4009,6 +4031,26 @@ inline void reset_signal_dispositions() noexcept {
     if (sig != SIGKILL && sig != SIGSTOP) sigaction(sig, &deflt, nullptr);
 }
 
+// The signals whose disposition is not the default in this process: all a
+// child has to reset. Asked once by a server, so that each worker makes a
+// few sigaction() calls instead of one per signal.
+inline std::vector<int> signals_not_default() {
+  std::vector<int> found;
+  for (int sig = 1; sig < NSIG; ++sig) {
+    struct sigaction current {};
+    if (sig == SIGKILL || sig == SIGSTOP || ::sigaction(sig, nullptr, &current) != 0) continue;
+    if (current.sa_handler != SIG_DFL) found.push_back(sig);
+  }
+  return found;
+}
+
+inline void reset_signal_dispositions(const std::vector<int>& signals) noexcept {
+  struct sigaction deflt {};
+  deflt.sa_handler = SIG_DFL;
+  sigemptyset(&deflt.sa_mask);
+  for (int sig : signals) sigaction(sig, &deflt, nullptr);
+}
+
 inline void unblock_all_signals() noexcept {
   sigset_t none;
   sigemptyset(&none);
@@ -4530,15 +4572,16 @@ class WorkerRequests {
 // One worker: serves the connection `conn` until EOF, then _exit(0).
 class Worker {
  public:
-  Worker(const ServerOptions& options, int conn)
+  // `timeout_text`: hung_worker_timeout as the log line shows it, formatted
+  // once by the master (printf is not cheap in a fresh process).
+  Worker(const ServerOptions& options, int conn, const std::string& timeout_text)
       : options_(options),
         conn_(conn),
         decoder_(options.max_frame),
         prefix_("aet-worker:" + options_.name + "[" + std::to_string(::getpid()) + "]: ") {
     worker_connection = conn;
     if (options_.hung_worker_timeout > 0) {
-      std::string line = prefix_ + "hung_worker_timeout of " +
-                         format_seconds(options_.hung_worker_timeout) + " s exceeded, exiting\n";
+      std::string line = prefix_ + "hung_worker_timeout of " + timeout_text + " s exceeded, exiting\n";
       hung_message_size = std::min(line.size(), sizeof hung_message);
       std::memcpy(hung_message, line.data(), hung_message_size);
       try {
@@ -4551,7 +4594,10 @@ class Worker {
   }
 
   [[noreturn]] void serve_forever() {
-    std::vector<char> buffer(64 * 1024);
+    // On the stack and not zeroed: a fresh worker touches only what read()
+    // fills (one page, not sixteen) and does not grow its heap for it.
+    constexpr std::size_t buffer_size = 64 * 1024;
+    char buffer[buffer_size];
     for (;;) {
       for (;;) {
         std::optional<Json> message;
@@ -4585,7 +4631,7 @@ class Worker {
         fail("poll: " + errno_text(error));
       }
       if (ready == 0) continue;  // the hung timer's backstop is due for clearing
-      ssize_t n = ::read(conn_, buffer.data(), buffer.size());
+      ssize_t n = ::read(conn_, buffer, buffer_size);
       if (n == 0) ::_exit(0);
       if (n < 0) {
         error = errno;
@@ -4594,7 +4640,7 @@ class Worker {
         fail("read: " + errno_text(error));
       }
       try {
-        decoder_.feed(buffer.data(), static_cast<std::size_t>(n));
+        decoder_.feed(buffer, static_cast<std::size_t>(n));
       } catch (const std::exception& e) {
         protocol_error(e.what());
       }
@@ -4647,9 +4693,16 @@ class Worker {
 
 // The freshly forked child of the master: becomes a worker for `conn`.
 // Never returns.
-[[noreturn]] inline void become_worker(const ServerOptions& options, int conn) noexcept {
+// What the master works out once for all its workers.
+struct WorkerPrelude {
+  std::vector<int> handled_signals;  // not at their default: each worker resets them
+  std::string timeout_text;          // hung_worker_timeout, formatted
+};
+
+[[noreturn]] inline void become_worker(const ServerOptions& options, int conn,
+                                       const WorkerPrelude& prelude) noexcept {
   try {
-    reset_signal_dispositions();
+    reset_signal_dispositions(prelude.handled_signals);
     running_server.store(nullptr);
     install_handler(SIGTERM, on_worker_stop_signal, SA_RESTART);
     install_handler(SIGINT, on_worker_stop_signal, SA_RESTART);
@@ -4657,7 +4710,7 @@ class Worker {
     unblock_all_signals();
     close_descriptors_except({0, 1, 2, conn});
     set_process_title("aet-worker:" + options.name);
-    Worker(options, conn).serve_forever();
+    Worker(options, conn, prelude.timeout_text).serve_forever();
   } catch (const std::exception& e) {
     log_line("aet-worker:" + options.name + "[" + std::to_string(::getpid()) + "]: " + e.what());
   } catch (...) {
@@ -4680,6 +4733,8 @@ struct ServerState {
   std::atomic<bool> stop_requested{false};
   bool ran = false;
   std::set<pid_t> workers;  // forked, not reaped yet
+  server_internals::WorkerPrelude prelude;  // set when run() starts
+  volatile sig_atomic_t child_exited = 0;  // SIGCHLD came: reap
 
   // Async-signal-safe.
   void wake() noexcept {
@@ -4717,7 +4772,10 @@ inline void on_server_stop_signal(int) {
 
 inline void on_server_child_signal(int) {
   int saved = errno;
-  if (ServerState* state = running_server.load()) state->wake();
+  if (ServerState* state = running_server.load()) {
+    state->child_exited = 1;
+    state->wake();
+  }
   errno = saved;
 }
 
@@ -4733,6 +4791,8 @@ class RunningServerScope {
     save_and_install(SIGINT, on_server_stop_signal, SA_RESTART, 1);
     save_and_install(SIGCHLD, on_server_child_signal, SA_RESTART | SA_NOCLDSTOP, 2);
     save_and_install(SIGPIPE, SIG_IGN, 0, 3);
+    state.prelude.handled_signals = signals_not_default();
+    state.prelude.timeout_text = format_seconds(state.options.hung_worker_timeout);
     title_ = process_title();
     set_process_title("aet-server:" + state.options.name);
   }
@@ -4767,7 +4827,11 @@ class MasterLoop {
   void run() {
     for (;;) {
       if (!stopping_ && state_.stop_requested.load()) begin_stop();
-      reap();
+      // waitpid() only when a child ended (SIGCHLD), or while stopping.
+      if (state_.child_exited || stopping_) {
+        state_.child_exited = 0;
+        reap();
+      }
       if (stopping_) {
         if (state_.workers.empty()) return;
         double now = monotonic_seconds();
@@ -4829,7 +4893,7 @@ class MasterLoop {
 
   void drain_wake_pipe() {
     char bytes[256];
-    while (::read(state_.wake_read.get(), bytes, sizeof bytes) > 0) {
+    while (::read(state_.wake_read.get(), bytes, sizeof bytes) == static_cast<ssize_t>(sizeof bytes)) {
     }
   }
 
@@ -4866,7 +4930,7 @@ class MasterLoop {
     {
       SignalsBlocked blocked;
       pid = ::fork();
-      if (pid == 0) become_worker(state_.options, conn.get());
+      if (pid == 0) become_worker(state_.options, conn.get(), state_.prelude);
     }
     if (pid < 0) {
       log_line(prefix_ + "cannot fork a worker, dropping the connection: " + errno_text(errno));

@@ -92,22 +92,22 @@ class RawReader {
     for (;;) {
       std::size_t have = end_ - start_;
       if (have >= 4) {
-        const auto* h = reinterpret_cast<const unsigned char*>(buffer_.data() + start_);
+        const auto* h = reinterpret_cast<const unsigned char*>(data() + start_);
         std::size_t size = (std::size_t{h[0]} << 24) | (std::size_t{h[1]} << 16) |
                            (std::size_t{h[2]} << 8) | h[3];
         if (have >= 4 + size) {
-          body = std::string_view(buffer_.data() + start_ + 4, size);
+          body = std::string_view(data() + start_ + 4, size);
           start_ += 4 + size;
           return true;
         }
-        if (buffer_.size() < start_ + 4 + size) {  // room for the whole frame
-          std::memmove(buffer_.data(), buffer_.data() + start_, have);
+        if (capacity_ < start_ + 4 + size) {  // room for the whole frame
+          std::memmove(data(), data() + start_, have);
           start_ = 0;
           end_ = have;
-          if (buffer_.size() < 4 + size) buffer_.resize(4 + size);
+          if (capacity_ < 4 + size) grow(4 + size);
         }
-      } else if (buffer_.size() - end_ < 4) {
-        std::memmove(buffer_.data(), buffer_.data() + start_, have);
+      } else if (capacity_ - end_ < 4) {
+        std::memmove(data(), data() + start_, have);
         start_ = 0;
         end_ = have;
       }
@@ -116,15 +116,25 @@ class RawReader {
         if (errno == EINTR) continue;
         die("poll");
       }
-      ssize_t n = ::read(fd_, buffer_.data() + end_, buffer_.size() - end_);
+      ssize_t n = ::read(fd_, data() + end_, capacity_ - end_);
       if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
       if (n <= 0) return false;
       end_ += static_cast<std::size_t>(n);
     }
   }
+
  private:
+  char* data() { return buffer_.get(); }
+  void grow(std::size_t size) {
+    std::unique_ptr<char[]> bigger(new char[size]);
+    std::memcpy(bigger.get(), buffer_.get(), end_);
+    buffer_ = std::move(bigger);
+    capacity_ = size;
+  }
   int fd_;
-  std::vector<char> buffer_ = std::vector<char>(64 * 1024);  // as the library's read buffers
+  // 64 KiB as the library's read buffers, not zeroed (as theirs).
+  std::size_t capacity_ = 64 * 1024;
+  std::unique_ptr<char[]> buffer_{new char[capacity_]};
   std::size_t start_ = 0, end_ = 0;
 };
 
