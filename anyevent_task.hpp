@@ -746,12 +746,22 @@ class Json {
   Object& as_object();
 
   // Arrays and objects. size() is 0 for scalars (and empty() true).
+  //
+  // References into an array or object are those of a std::vector: adding
+  // a member or an element may move the others. Hence, for an object o,
+  // o["new"] = o["old"] is undefined behaviour: the right side is a
+  // reference to o's member, taken first, that the insertion on the left
+  // invalidates. Write o.set("new", o["old"]), which copies before it
+  // inserts. (o.push_back(o[0]) is fine: the argument is a copy.)
   std::size_t size() const noexcept;
   bool empty() const noexcept { return size() == 0; }
   const Json& operator[](std::size_t index) const;  // throws JsonError out of range
   Json& operator[](std::size_t index);
   const Json& operator[](std::string_view key) const;  // throws JsonError when missing
   Json& operator[](std::string_view key);              // inserts null; null becomes {}
+  // Stores value under key, replacing a member of that key or adding one
+  // at the end; null becomes {}. Returns the stored value.
+  Json& set(std::string key, Json value);
   const Json* find(std::string_view key) const;        // nullptr when missing or not an object
   Json* find(std::string_view key);
   bool contains(std::string_view key) const { return find(key) != nullptr; }
@@ -1293,14 +1303,15 @@ struct ClientOptions {
   // the checkout fails with TimeoutError. aet::forever: no limit.
   double timeout = 30;
   unsigned max_checkouts = 0;           // checkouts a worker serves; 0: unlimited
-  // Spreads the recycling of workers started together: each worker's own
-  // limit is drawn uniformly from the integers in [max_checkouts * (1 - j),
-  // max_checkouts * (1 + j)], at least 1. From 0 (every worker serves
-  // exactly max_checkouts) to 1.
-  double max_checkouts_jitter = 0;
   bool dont_refork_after_error = false;  // keep a worker whose checkout got an error reply
   std::size_t max_frame = default_max_frame;  // largest request sent and reply accepted
   std::size_t max_pending_checkouts = 0;  // checkouts not yet served; 0: unlimited
+  // Spreads the recycling of workers started together: each worker's own
+  // max_checkouts is drawn uniformly from the integers in
+  // [max_checkouts * (1 - j), max_checkouts * (1 + j)], at least 1. From 0
+  // (every worker serves exactly max_checkouts) to 1. Last, so that
+  // positional initialisers written before it existed keep their meaning.
+  double max_checkouts_jitter = 0;
 };
 
 struct CheckoutOptions {
@@ -2257,15 +2268,20 @@ class JsonParser {
     // fast path below.
     std::uint64_t mantissa = magnitude;
     std::size_t mantissa_digits = digit_count;
-    int exponent = 0;
+    // Wide enough for one per fractional digit of any input.
+    std::ptrdiff_t exponent = 0;
     if (p_ < end_ && *p_ == '.') {
       ++p_;
       if (p_ == end_ || !is_digit(*p_)) fail(p_, "expected a digit after the decimal point, got " + describe(p_));
-      for (; p_ < end_ && is_digit(*p_); ++p_) {
-        if (mantissa_digits < 19) mantissa = mantissa * 10 + static_cast<unsigned>(*p_ - '0');
-        ++mantissa_digits;
-        --exponent;
+      const char* fraction = p_;
+      for (; p_ < end_ && is_digit(*p_) && mantissa_digits < 19; ++p_, ++mantissa_digits)
+        mantissa = mantissa * 10 + static_cast<unsigned>(*p_ - '0');
+      if (p_ < end_ && is_digit(*p_)) {  // digits past the 19th only count
+        const char* rest = p_;
+        p_ = skip_digits(p_, end_);
+        mantissa_digits += static_cast<std::size_t>(p_ - rest);
       }
+      exponent = fraction - p_;
       is_double = true;
     }
     if (p_ < end_ && (*p_ == 'e' || *p_ == 'E')) {
@@ -2304,6 +2320,20 @@ class JsonParser {
       fail(start, "invalid number");  // unreachable: the grammar was checked above
     }
     return Json(value);
+  }
+
+  // The end of the run of digits at p, eight bytes at a time.
+  static const char* skip_digits(const char* p, const char* end) noexcept {
+    constexpr std::uint64_t high = 0xF0F0F0F0F0F0F0F0u, threes = 0x3030303030303030u, sixes = 0x0606060606060606u;
+    for (; end - p >= 8; p += 8) {
+      std::uint64_t word;
+      std::memcpy(&word, p, 8);
+      // A digit is 0x30..0x39: its high nibble is 3, and stays 3 when 6 is
+      // added (no carry between bytes once every high nibble is 3).
+      if ((word & high) != threes || ((word + sixes) & high) != threes) break;
+    }
+    while (p < end && is_digit(*p)) ++p;
+    return p;
   }
 
   // For a literal from_chars found out of range: is it too large (rather
@@ -2575,13 +2605,17 @@ class JsonWriter {
         *o++ = ',';
       }
       if constexpr (Pretty) o = newline(o, depth + 1);
-      char* element = o;
+      // An offset, not a pointer: write() may move the buffer.
+      const std::size_t element = static_cast<std::size_t>(o - begin_);
       o = write(o, it[i], depth + 1);
-      // A long array: make room for all of it once, guessing from its first
-      // element, rather than growing (copying and clearing) step by step.
+      // A long array of small elements: make room for all of it once,
+      // guessing from its first element, rather than growing (copying and
+      // clearing) step by step. Only a small first element is extrapolated,
+      // so a wrong guess costs at most a few hundred bytes per element.
       if (i == 0 && n >= 16) {
-        const std::size_t guess = (static_cast<std::size_t>(o - element) + 2) * (n - 1);
-        if (guess < (std::size_t{1} << 30)) o = room(o, guess + guess / 4);
+        const std::size_t first = static_cast<std::size_t>(o - begin_) - element;
+        const std::size_t guess = (first + 2) * (n - 1);
+        if (first <= 256 && guess < (std::size_t{1} << 30)) o = room(o, guess + guess / 4);
       }
     }
     if constexpr (Pretty) {
@@ -2941,6 +2975,13 @@ inline Json& Json::operator[](std::string_view key) {
   if (type_ != Type::Object) type_error("object");
   if (Json* v = find(key)) return *v;
   return value_.object.emplace_back(std::string(key), Json()).second;
+}
+
+inline Json& Json::set(std::string key, Json value) {
+  if (type_ == Type::Null) *this = Json(Object());
+  if (type_ != Type::Object) type_error("object");
+  if (Json* v = find(key)) return *v = std::move(value);
+  return value_.object.emplace_back(std::move(key), std::move(value)).second;
 }
 
 inline void Json::push_back(Json value) {

@@ -14,6 +14,9 @@
 #include <thread>
 #include <vector>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include "anyevent_task.hpp"
 
 using aet::Json;
@@ -777,4 +780,125 @@ TEST_CASE("decimal literals parse to the nearest double") {
     INFO(text);
     REQUIRE(Json::parse(text).as_double() == expected);
   }
+}
+
+TEST_CASE("set copies its value before inserting, so a member can be copied to new keys") {
+  const std::string text = "a long string value that is not small, so it lives on the heap";
+  Json j = Json::object({{"a", text}});
+  // j["k"] = j["a"] would copy from the storage the insertion just freed.
+  for (int i = 0; i < 64; ++i) j.set("k" + std::to_string(i), j["a"]);
+  REQUIRE(j.size() == 65);
+  for (int i = 0; i < 64; ++i) REQUIRE(j["k" + std::to_string(i)].as_string() == text);
+  REQUIRE(j.as_object()[64].first == "k63");
+}
+
+TEST_CASE("set replaces a member in place, turns null into an object and refuses other types") {
+  Json j = Json::object({{"a", 1}, {"b", 2}});
+  Json& stored = j.set("a", Json::array({j["b"], j["a"]}));
+  REQUIRE(&stored == &j.as_object()[0].second);
+  REQUIRE(j.dump() == R"({"a":[2,1],"b":2})");
+  j.set("a", j["a"][0]);  // a value taken from inside the member it replaces
+  REQUIRE(j.dump() == R"({"a":2,"b":2})");
+  Json n;
+  n.set("x", true);
+  REQUIRE(n.dump() == R"({"x":true})");
+  Json s = "text";
+  REQUIRE(error_of([&] { s.set("x", 1); }) == "expected object, got string");
+}
+
+TEST_CASE("an element appended from the same array survives the growth it causes") {
+  const std::string text = "a long string value that is not small, so it lives on the heap";
+  Json j = Json::array({text});
+  for (int i = 0; i < 40; ++i) j.push_back(j[0]);
+  Json::Array a(1, Json(text));
+  for (int i = 0; i < 40; ++i) {
+    a.push_back(a[0]);
+    a.emplace_back(a.back());
+    a.insert(a.begin(), a.back());
+  }
+  REQUIRE(j.size() == 41);
+  REQUIRE(a.size() == 121);
+  for (const Json& v : j.as_array()) REQUIRE(v.as_string() == text);
+  for (const Json& v : a) REQUIRE(v.as_string() == text);
+}
+
+TEST_CASE("a large first element does not make dump reserve far more than it writes") {
+  Json inner = Json::array({std::string(3u << 20, 'z')});
+  for (int i = 0; i < 15; ++i) inner.push_back(i);
+  Json doc = Json::array({std::string(8u << 20, 'x'), 1, std::string(100, 'y'), inner});
+  std::string out;
+  doc.dump_to(out);
+  REQUIRE(out.size() == (8u << 20) + (3u << 20) + 100 + 49);
+  REQUIRE(out.capacity() <= 2 * out.size());
+}
+
+// The first element of this long array grows the output buffer while it is
+// written; sizing the rest from it must measure within one buffer (the
+// ASan build with -fsanitize=pointer-subtract and
+// ASAN_OPTIONS=detect_invalid_pointer_pairs=2 checks that).
+TEST_CASE("a long array whose first element outgrows the output buffer is sized and printed right") {
+  for (std::size_t first : {200u, 300u, 5000u}) {
+    Json doc = Json::array({std::string(first, 's')});
+    for (int i = 0; i < 100; ++i) doc.push_back(std::string(first, 't'));
+    std::string out;
+    doc.dump_to(out);
+    REQUIRE(out.size() == 101 * (first + 3) + 1);
+    REQUIRE(out.capacity() <= 2 * out.size());
+    REQUIRE(Json::parse(out) == doc);
+  }
+}
+
+TEST_CASE("fractions longer than 19 digits parse to the nearest double") {
+  std::mt19937_64 rng(11);
+  for (int i = 0; i < 20000; ++i) {
+    std::string number = std::to_string(rng() % 1000) + ".";
+    const std::size_t digits = 1 + rng() % 48;
+    for (std::size_t d = 0; d < digits; ++d) number += static_cast<char>('0' + rng() % 10);
+    if (i % 3 == 0) number += "e" + std::to_string(static_cast<int>(rng() % 40) - 20);
+    double expected = 0;
+    std::from_chars(number.data(), number.data() + number.size(), expected);
+    INFO(number);
+    REQUIRE(Json::parse(number).as_double() == expected);
+    const Json in_array = Json::parse("[" + number + ",7]");  // a non-digit after the run
+    REQUIRE(in_array[0].as_double() == expected);
+    REQUIRE(in_array[1].as_int() == 7);
+  }
+  REQUIRE(parse_error("0.12345678901234567890:") != "");
+}
+
+TEST_CASE("a number with more than 2^31 fractional digits parses") {
+  // 2 GiB of digits without 2 GiB of memory: one page of '0's mapped over
+  // and over, after a first page that starts "0.".
+  constexpr std::size_t chunk = std::size_t{1} << 20;
+  constexpr std::size_t chunks = 2049;
+  const int zeros = ::memfd_create("zeros", MFD_CLOEXEC);
+  REQUIRE(zeros >= 0);
+  REQUIRE(::ftruncate(zeros, chunk) == 0);
+  void* fill = ::mmap(nullptr, chunk, PROT_READ | PROT_WRITE, MAP_SHARED, zeros, 0);
+  REQUIRE(fill != MAP_FAILED);
+  std::memset(fill, '0', chunk);
+  ::munmap(fill, chunk);
+  void* region = ::mmap(nullptr, chunk * chunks, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  REQUIRE(region != MAP_FAILED);
+  char* text = static_cast<char*>(region);
+  std::memset(text, '0', chunk);
+  text[1] = '.';
+  text[2] = '5';
+  for (std::size_t i = 1; i < chunks; ++i)
+    REQUIRE(::mmap(text + i * chunk, chunk, PROT_READ, MAP_SHARED | MAP_FIXED, zeros, 0) != MAP_FAILED);
+  ::close(zeros);
+  const std::string_view number(text, chunk * chunks);
+  REQUIRE(number.size() - 2 > (std::size_t{1} << 31));
+  Json v;
+  const bool parsed = [&] {
+    try {
+      v = Json::parse(number);
+      return true;
+    } catch (...) {
+      return false;
+    }
+  }();
+  ::munmap(region, chunk * chunks);
+  REQUIRE(parsed);
+  REQUIRE(v.as_double() == 0.5);
 }
