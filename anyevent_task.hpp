@@ -3423,12 +3423,15 @@ struct LoopState {
     std::uint64_t ready = 0;     // process() round that set `revents`
     std::size_t slot = 0;
     short revents = 0;
+    std::vector<EventHost::Id> ids;  // the interests on this fd, oldest first
   };
   // Scratch space reused from round to round. The two due lists are read
   // while callbacks run, which is safe because process() is not reentrant.
-  std::vector<pollfd> poll_fds;  // run_once()'s array
+  std::vector<pollfd> poll_fds;  // run_once()'s array, kept while no interest changes
+  bool poll_fds_stale = true;    // an interest was added, changed or removed since
   std::vector<FdScratch> by_fd;
   std::uint64_t prepare_round = 0, process_round = 0;
+  std::vector<int> ready_fds;
   std::vector<ReadyIo> due_io;
   std::vector<EventHost::Id> due_timers;
 
@@ -3452,8 +3455,11 @@ struct LoopState {
   void dispatch_io(const pollfd* fds, std::size_t count) {
     const bool fresh = std::exchange(prepared, false);  // a second process() reports nothing
     if (!fresh || count == 0 || ios.empty()) return;
+    // Only the fds reported ready are looked at: a round costs what is
+    // ready, not what is watched.
     const std::uint64_t round = ++process_round;
-    bool any = false;
+    std::vector<int>& ready = ready_fds;
+    ready.clear();
     for (std::size_t i = 0; i < count; ++i) {
       const int fd = fds[i].fd;
       if (fds[i].revents == 0 || fd < 0 || static_cast<std::size_t>(fd) >= by_fd.size()) continue;
@@ -3461,22 +3467,27 @@ struct LoopState {
       if (entry.ready != round) {
         entry.ready = round;
         entry.revents = 0;
+        ready.push_back(fd);
       }
       entry.revents = static_cast<short>(entry.revents | fds[i].revents);
-      any = true;
     }
-    if (!any) return;
+    if (ready.empty()) return;
 
     // Decide who is ready before calling anyone, from what was polled: an
     // interest added or widened since prepare() gets nothing from this round.
     std::vector<ReadyIo>& due = due_io;
     due.clear();
-    for (const auto& [id, io] : ios) {
-      if (io.polled_events == 0 || static_cast<std::size_t>(io.fd) >= by_fd.size()) continue;
-      const FdScratch& entry = by_fd[static_cast<std::size_t>(io.fd)];
-      if (entry.ready != round) continue;
-      if (unsigned events = readiness(entry.revents, io.polled_events)) due.push_back({id, events});
+    for (int fd : ready) {
+      const FdScratch& entry = by_fd[static_cast<std::size_t>(fd)];
+      for (EventHost::Id id : entry.ids) {
+        auto it = ios.find(id);
+        if (it == ios.end()) continue;
+        if (unsigned events = readiness(entry.revents, it->second.polled_events)) due.push_back({id, events});
+      }
     }
+    // In registration order, as if every interest had been visited in turn.
+    if (due.size() > 1)
+      std::sort(due.begin(), due.end(), [](const ReadyIo& a, const ReadyIo& b) { return a.id < b.id; });
     for (const ReadyIo& r : due) {
       auto it = ios.find(r.id);
       if (it == ios.end()) continue;  // removed by an earlier callback
@@ -3596,6 +3607,8 @@ inline EventHost::Id Loop::add_io(int fd, unsigned events, IoCallback callback) 
   const Id id = state_->next_id++;
   state_->ios.emplace(
       id, detail::LoopState::Io{fd, events, std::make_shared<IoCallback>(std::move(callback))});
+  state_->scratch(fd).ids.push_back(id);
+  state_->poll_fds_stale = true;
   return id;
 }
 
@@ -3603,10 +3616,19 @@ inline void Loop::modify_io(Id id, unsigned events) {
   detail::check_io_events(events);
   auto it = state_->ios.find(id);
   if (it == state_->ios.end()) throw Error("aet::Loop::modify_io: no io interest with this id");
+  if (it->second.events != events) state_->poll_fds_stale = true;
   it->second.events = events;
 }
 
-inline void Loop::remove_io(Id id) { state_->ios.erase(id); }
+inline void Loop::remove_io(Id id) {
+  auto& s = *state_;
+  auto it = s.ios.find(id);
+  if (it == s.ios.end()) return;
+  std::vector<Id>& ids = s.by_fd[static_cast<std::size_t>(it->second.fd)].ids;
+  ids.erase(std::find(ids.begin(), ids.end(), id));
+  s.poll_fds_stale = true;
+  s.ios.erase(it);  // may destroy the callback's captures: last
+}
 
 inline EventHost::Id Loop::start_timer(double after, double repeat, TimerCallback callback) {
   const std::int64_t delay = detail::delay_ns(after, "timer delay");
@@ -3667,9 +3689,19 @@ inline bool Loop::run_once(double timeout) {
   auto& s = *state_;
   if (s.dispatching) throw Error("aet::Loop: run_once() called from inside one of its callbacks");
   if (std::isnan(timeout)) throw Error("aet::Loop::run_once: timeout is not a number");
+  // Its own array is rebuilt only when the interests changed; otherwise
+  // prepare()'s work is only the timeout (and what process() needs).
   std::vector<pollfd>& fds = s.poll_fds;
-  fds.clear();
-  int wait = prepare(fds);
+  int wait;
+  if (s.poll_fds_stale) {
+    fds.clear();
+    wait = prepare(fds);
+    s.poll_fds_stale = false;
+  } else {
+    s.prepared = true;
+    wait = s.queue.empty() ? -1
+                           : detail::poll_timeout_ms(s.queue.begin()->first.first - detail::monotonic_ns());
+  }
   if (timeout >= 0) {
     const int limit = detail::poll_timeout_ms(detail::delay_ns(timeout, "timeout"));
     wait = wait < 0 ? limit : std::min(wait, limit);
