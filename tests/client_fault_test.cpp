@@ -611,6 +611,14 @@ TEST_CASE("a client out of descriptors keeps its checkouts waiting, without spin
   aet::Client client(loop, co);
   aet::Checkout holder = client.checkout();
   worker_pid(loop, holder);  // the only worker stays held by `holder`
+  // UBSan's vptr check needs a pipe the first time it meets a type: a loop
+  // timer fired now, before the starving, spares it that when the retry
+  // timer fires below (no call has a timer of its own to fire earlier).
+  {
+    bool fired = false;
+    aet::Timer warm = loop.after(0, [&] { fired = true; });
+    REQUIRE(run_until(loop, [&] { return fired; }));
+  }
   // No new descriptor for this process: the soft limit goes down to its
   // lowest free descriptor number, so socket() fails with EMFILE.
   int lowest_free = 0;
