@@ -4766,6 +4766,26 @@ class Worker {
 
 // The freshly forked child of the master: becomes a worker for `conn`.
 // Never returns.
+// Runs, once in the master, the library code every worker runs first: two
+// requests (a result, then an error) served by a method table of its own,
+// without a socket. A program linked for lazy binding resolves a function
+// at its first call, in each process: done here, before any fork, it is
+// done once and inherited, instead of in every fresh worker before its
+// first reply (each lookup also faults in pages of the symbol tables).
+inline void warm_up_worker_paths() noexcept {
+  try {
+    ServerOptions own;
+    own.interface = Methods{{"warm-up", [](const Json& args) { return args; }}};
+    WorkerRequests requests(own, std::string(), nullptr);
+    FrameDecoder decoder;
+    decoder.feed(encode_frame(Json{"do", Json::object(), "warm-up", "x"}) +
+                 encode_frame(Json{"do", Json::object(), "no such method"}));
+    std::string reply;
+    while (std::optional<Json> message = decoder.next()) requests.handle(*message, reply);
+  } catch (...) {
+  }
+}
+
 // What the master works out once for all its workers.
 struct WorkerPrelude {
   std::vector<int> handled_signals;  // not at their default: each worker resets them
@@ -5099,6 +5119,7 @@ inline void Server::run() {
   if (state.ran) throw ServerError("Server::run() was already called");
   state.ran = true;
   si::RunningServerScope scope(state);
+  si::warm_up_worker_paths();
   try {
     si::MasterLoop(state).run();
   } catch (...) {
