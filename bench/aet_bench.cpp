@@ -6,7 +6,7 @@
 //   aet_bench payload BYTES    echo of a string of that size
 //   aet_bench json             parse and dump throughput (and peers if installed)
 //   aet_bench memory           client memory per pending checkout, idle worker RSS
-//   aet_bench scale W          checkouts per second with W workers
+//   aet_bench scale W [N]      checkouts per second with W workers, and with 4
 //
 // The server runs with the default hung_worker_timeout (300 s), or with
 // $AET_BENCH_HUNG_TIMEOUT seconds (0: none) if set.
@@ -679,7 +679,8 @@ void bench_memory() {
 int arg(int argc, char** argv, int i, int fallback) { return i < argc ? std::atoi(argv[i]) : fallback; }
 
 void usage() {
-  std::fputs("usage: aet_bench rtt N | checkouts N W | spawn N | payload BYTES | json | memory | scale W\n", stderr);
+  std::fputs("usage: aet_bench rtt N | checkouts N W | spawn N | payload BYTES | json | memory | scale W [N]\n",
+             stderr);
   std::exit(2);
 }
 
@@ -698,7 +699,7 @@ int main(int argc, char** argv) {
   } else if (what == "checkouts") {
     bench_checkouts(arg(argc, argv, 2, 20000), static_cast<unsigned>(arg(argc, argv, 3, 4)));
   } else if (what == "scale") {
-    bench_scale(20000, static_cast<unsigned>(arg(argc, argv, 2, 500)));
+    bench_scale(arg(argc, argv, 3, 20000), static_cast<unsigned>(arg(argc, argv, 2, 500)));
   } else if (what == "spawn") {
     bench_spawn(arg(argc, argv, 2, 300));
   } else if (what == "payload") {
