@@ -3132,6 +3132,7 @@ struct LogDeferState {
 struct LogDeferAccess {
   static LogDefer nowhere() { return LogDefer(); }
   static const LogDeferState* state(const LogDefer& log) noexcept { return log.state_.get(); }
+  static LogDeferState* state(LogDefer& log) noexcept { return log.state_.get(); }
 };
 
 template <class... Items>
@@ -3145,11 +3146,28 @@ Json make_lazy_log_item(F& make) {
   return Json(make());
 }
 
-// The log behind logger(): per request in a worker, else nowhere.
+// The log behind logger(): per request in a worker, else nowhere. A
+// request's log is made when logger() is first called in it (most
+// requests log nothing: they then cost no allocation), with the request's
+// start as its start.
 struct RequestLogs {
   LogDefer nowhere = LogDeferAccess::nowhere();
   std::optional<LogDefer> request;
   LogDefer* active = &nowhere;
+  bool in_request = false;  // between begin_request_log() and end_request_log()
+  timespec started_epoch{}, started_monotonic{};
+
+  LogDefer& current() {
+    if (in_request && !request) {
+      LogDeferState& state = *LogDeferAccess::state(request.emplace(LogDefer::Callback{}));
+      state.start_epoch = round_to_microseconds(static_cast<double>(started_epoch.tv_sec) +
+                                                static_cast<double>(started_epoch.tv_nsec) * 1e-9);
+      state.start_monotonic =
+          static_cast<double>(started_monotonic.tv_sec) + static_cast<double>(started_monotonic.tv_nsec) * 1e-9;
+      active = &*request;
+    }
+    return *active;
+  }
 };
 
 inline RequestLogs& request_logs() {
@@ -3292,19 +3310,23 @@ inline void LogDefer::merge(const Json& message) {
 
 inline Json LogDefer::message() const { return state_ ? state_->build(state_->elapsed()) : Json(); }
 
-inline LogDefer& logger() { return *detail::request_logs().active; }
+inline LogDefer& logger() { return detail::request_logs().current(); }
 
 namespace detail {
 
 inline void begin_request_log() {
   RequestLogs& logs = request_logs();
-  logs.request.emplace(LogDefer::Callback{});
-  logs.active = &*logs.request;
+  logs.request.reset();
+  logs.active = &logs.nowhere;
+  logs.in_request = true;
+  clock_gettime(CLOCK_REALTIME, &logs.started_epoch);
+  clock_gettime(CLOCK_MONOTONIC, &logs.started_monotonic);
 }
 
 inline Json end_request_log() {
   RequestLogs& logs = request_logs();
   logs.active = &logs.nowhere;
+  logs.in_request = false;
   if (!logs.request) return Json();
   std::optional<LogDefer> finished = std::move(logs.request);
   logs.request.reset();
@@ -3404,12 +3426,15 @@ struct LoopState {
     std::uint64_t ready = 0;     // process() round that set `revents`
     std::size_t slot = 0;
     short revents = 0;
+    std::vector<EventHost::Id> ids;  // the interests on this fd, oldest first
   };
   // Scratch space reused from round to round. The two due lists are read
   // while callbacks run, which is safe because process() is not reentrant.
-  std::vector<pollfd> poll_fds;  // run_once()'s array
+  std::vector<pollfd> poll_fds;  // run_once()'s array, kept while no interest changes
+  bool poll_fds_stale = true;    // an interest was added, changed or removed since
   std::vector<FdScratch> by_fd;
   std::uint64_t prepare_round = 0, process_round = 0;
+  std::vector<int> ready_fds;
   std::vector<ReadyIo> due_io;
   std::vector<EventHost::Id> due_timers;
 
@@ -3433,8 +3458,11 @@ struct LoopState {
   void dispatch_io(const pollfd* fds, std::size_t count) {
     const bool fresh = std::exchange(prepared, false);  // a second process() reports nothing
     if (!fresh || count == 0 || ios.empty()) return;
+    // Only the fds reported ready are looked at: a round costs what is
+    // ready, not what is watched.
     const std::uint64_t round = ++process_round;
-    bool any = false;
+    std::vector<int>& ready = ready_fds;
+    ready.clear();
     for (std::size_t i = 0; i < count; ++i) {
       const int fd = fds[i].fd;
       if (fds[i].revents == 0 || fd < 0 || static_cast<std::size_t>(fd) >= by_fd.size()) continue;
@@ -3442,22 +3470,27 @@ struct LoopState {
       if (entry.ready != round) {
         entry.ready = round;
         entry.revents = 0;
+        ready.push_back(fd);
       }
       entry.revents = static_cast<short>(entry.revents | fds[i].revents);
-      any = true;
     }
-    if (!any) return;
+    if (ready.empty()) return;
 
     // Decide who is ready before calling anyone, from what was polled: an
     // interest added or widened since prepare() gets nothing from this round.
     std::vector<ReadyIo>& due = due_io;
     due.clear();
-    for (const auto& [id, io] : ios) {
-      if (io.polled_events == 0 || static_cast<std::size_t>(io.fd) >= by_fd.size()) continue;
-      const FdScratch& entry = by_fd[static_cast<std::size_t>(io.fd)];
-      if (entry.ready != round) continue;
-      if (unsigned events = readiness(entry.revents, io.polled_events)) due.push_back({id, events});
+    for (int fd : ready) {
+      const FdScratch& entry = by_fd[static_cast<std::size_t>(fd)];
+      for (EventHost::Id id : entry.ids) {
+        auto it = ios.find(id);
+        if (it == ios.end()) continue;
+        if (unsigned events = readiness(entry.revents, it->second.polled_events)) due.push_back({id, events});
+      }
     }
+    // In registration order, as if every interest had been visited in turn.
+    if (due.size() > 1)
+      std::sort(due.begin(), due.end(), [](const ReadyIo& a, const ReadyIo& b) { return a.id < b.id; });
     for (const ReadyIo& r : due) {
       auto it = ios.find(r.id);
       if (it == ios.end()) continue;  // removed by an earlier callback
@@ -3577,6 +3610,8 @@ inline EventHost::Id Loop::add_io(int fd, unsigned events, IoCallback callback) 
   const Id id = state_->next_id++;
   state_->ios.emplace(
       id, detail::LoopState::Io{fd, events, std::make_shared<IoCallback>(std::move(callback))});
+  state_->scratch(fd).ids.push_back(id);
+  state_->poll_fds_stale = true;
   return id;
 }
 
@@ -3584,10 +3619,19 @@ inline void Loop::modify_io(Id id, unsigned events) {
   detail::check_io_events(events);
   auto it = state_->ios.find(id);
   if (it == state_->ios.end()) throw Error("aet::Loop::modify_io: no io interest with this id");
+  if (it->second.events != events) state_->poll_fds_stale = true;
   it->second.events = events;
 }
 
-inline void Loop::remove_io(Id id) { state_->ios.erase(id); }
+inline void Loop::remove_io(Id id) {
+  auto& s = *state_;
+  auto it = s.ios.find(id);
+  if (it == s.ios.end()) return;
+  std::vector<Id>& ids = s.by_fd[static_cast<std::size_t>(it->second.fd)].ids;
+  ids.erase(std::find(ids.begin(), ids.end(), id));
+  s.poll_fds_stale = true;
+  s.ios.erase(it);  // may destroy the callback's captures: last
+}
 
 inline EventHost::Id Loop::start_timer(double after, double repeat, TimerCallback callback) {
   const std::int64_t delay = detail::delay_ns(after, "timer delay");
@@ -3648,9 +3692,19 @@ inline bool Loop::run_once(double timeout) {
   auto& s = *state_;
   if (s.dispatching) throw Error("aet::Loop: run_once() called from inside one of its callbacks");
   if (std::isnan(timeout)) throw Error("aet::Loop::run_once: timeout is not a number");
+  // Its own array is rebuilt only when the interests changed; otherwise
+  // prepare()'s work is only the timeout (and what process() needs).
   std::vector<pollfd>& fds = s.poll_fds;
-  fds.clear();
-  int wait = prepare(fds);
+  int wait;
+  if (s.poll_fds_stale) {
+    fds.clear();
+    wait = prepare(fds);
+    s.poll_fds_stale = false;
+  } else {
+    s.prepared = true;
+    wait = s.queue.empty() ? -1
+                           : detail::poll_timeout_ms(s.queue.begin()->first.first - detail::monotonic_ns());
+  }
   if (timeout >= 0) {
     const int limit = detail::poll_timeout_ms(detail::delay_ns(timeout, "timeout"));
     wait = wait < 0 ? limit : std::min(wait, limit);
@@ -4093,6 +4147,26 @@ inline void reset_signal_dispositions() noexcept {
   sigemptyset(&deflt.sa_mask);
   for (int sig = 1; sig < NSIG; ++sig)
     if (sig != SIGKILL && sig != SIGSTOP) sigaction(sig, &deflt, nullptr);
+}
+
+// The signals whose disposition is not the default in this process: all a
+// child has to reset. Asked once by a server, so that each worker makes a
+// few sigaction() calls instead of one per signal.
+inline std::vector<int> signals_not_default() {
+  std::vector<int> found;
+  for (int sig = 1; sig < NSIG; ++sig) {
+    struct sigaction current {};
+    if (sig == SIGKILL || sig == SIGSTOP || ::sigaction(sig, nullptr, &current) != 0) continue;
+    if (current.sa_handler != SIG_DFL) found.push_back(sig);
+  }
+  return found;
+}
+
+inline void reset_signal_dispositions(const std::vector<int>& signals) noexcept {
+  struct sigaction deflt {};
+  deflt.sa_handler = SIG_DFL;
+  sigemptyset(&deflt.sa_mask);
+  for (int sig : signals) sigaction(sig, &deflt, nullptr);
 }
 
 inline void unblock_all_signals() noexcept {
@@ -4595,15 +4669,16 @@ class WorkerRequests {
 // One worker: serves the connection `conn` until EOF, then _exit(0).
 class Worker {
  public:
-  Worker(const ServerOptions& options, int conn)
+  // `timeout_text`: hung_worker_timeout as the log line shows it, formatted
+  // once by the master (printf is not cheap in a fresh process).
+  Worker(const ServerOptions& options, int conn, const std::string& timeout_text)
       : options_(options),
         conn_(conn),
         decoder_(options.max_frame),
         prefix_("aet-worker:" + options_.name + "[" + std::to_string(::getpid()) + "]: ") {
     worker_connection = conn;
     if (options_.hung_worker_timeout > 0) {
-      std::string line = prefix_ + "hung_worker_timeout of " +
-                         format_seconds(options_.hung_worker_timeout) + " s exceeded, exiting\n";
+      std::string line = prefix_ + "hung_worker_timeout of " + timeout_text + " s exceeded, exiting\n";
       hung_message_size = std::min(line.size(), sizeof hung_message);
       std::memcpy(hung_message, line.data(), hung_message_size);
       try {
@@ -4616,7 +4691,10 @@ class Worker {
   }
 
   [[noreturn]] void serve_forever() {
-    std::vector<char> buffer(64 * 1024);
+    // On the stack and not zeroed: a fresh worker touches only what read()
+    // fills (one page, not sixteen) and does not grow its heap for it.
+    constexpr std::size_t buffer_size = 64 * 1024;
+    char buffer[buffer_size];
     for (;;) {
       for (;;) {
         std::optional<Json> message;
@@ -4650,7 +4728,7 @@ class Worker {
         fail("poll: " + errno_text(error));
       }
       if (ready == 0) continue;  // the hung timer's backstop is due for clearing
-      ssize_t n = ::read(conn_, buffer.data(), buffer.size());
+      ssize_t n = ::read(conn_, buffer, buffer_size);
       if (n == 0) ::_exit(0);
       if (n < 0) {
         error = errno;
@@ -4659,7 +4737,7 @@ class Worker {
         fail("read: " + errno_text(error));
       }
       try {
-        decoder_.feed(buffer.data(), static_cast<std::size_t>(n));
+        decoder_.feed(buffer, static_cast<std::size_t>(n));
       } catch (const std::exception& e) {
         protocol_error(e.what());
       }
@@ -4712,9 +4790,36 @@ class Worker {
 
 // The freshly forked child of the master: becomes a worker for `conn`.
 // Never returns.
-[[noreturn]] inline void become_worker(const ServerOptions& options, int conn) noexcept {
+// Runs, once in the master, the library code every worker runs first: two
+// requests (a result, then an error) served by a method table of its own,
+// without a socket. A program linked for lazy binding resolves a function
+// at its first call, in each process: done here, before any fork, it is
+// done once and inherited, instead of in every fresh worker before its
+// first reply (each lookup also faults in pages of the symbol tables).
+inline void warm_up_worker_paths() noexcept {
   try {
-    reset_signal_dispositions();
+    ServerOptions own;
+    own.interface = Methods{{"warm-up", [](const Json& args) { return args; }}};
+    WorkerRequests requests(own, std::string(), nullptr);
+    FrameDecoder decoder;
+    decoder.feed(encode_frame(Json{"do", Json::object(), "warm-up", "x"}) +
+                 encode_frame(Json{"do", Json::object(), "no such method"}));
+    std::string reply;
+    while (std::optional<Json> message = decoder.next()) requests.handle(*message, reply);
+  } catch (...) {
+  }
+}
+
+// What the master works out once for all its workers.
+struct WorkerPrelude {
+  std::vector<int> handled_signals;  // not at their default: each worker resets them
+  std::string timeout_text;          // hung_worker_timeout, formatted
+};
+
+[[noreturn]] inline void become_worker(const ServerOptions& options, int conn,
+                                       const WorkerPrelude& prelude) noexcept {
+  try {
+    reset_signal_dispositions(prelude.handled_signals);
     running_server.store(nullptr);
     install_handler(SIGTERM, on_worker_stop_signal, SA_RESTART);
     install_handler(SIGINT, on_worker_stop_signal, SA_RESTART);
@@ -4722,7 +4827,7 @@ class Worker {
     unblock_all_signals();
     close_descriptors_except({0, 1, 2, conn});
     set_process_title("aet-worker:" + options.name);
-    Worker(options, conn).serve_forever();
+    Worker(options, conn, prelude.timeout_text).serve_forever();
   } catch (const std::exception& e) {
     log_line("aet-worker:" + options.name + "[" + std::to_string(::getpid()) + "]: " + e.what());
   } catch (...) {
@@ -4745,6 +4850,8 @@ struct ServerState {
   std::atomic<bool> stop_requested{false};
   bool ran = false;
   std::set<pid_t> workers;  // forked, not reaped yet
+  server_internals::WorkerPrelude prelude;  // set when run() starts
+  volatile sig_atomic_t child_exited = 0;  // SIGCHLD came: reap
 
   // Async-signal-safe.
   void wake() noexcept {
@@ -4782,7 +4889,10 @@ inline void on_server_stop_signal(int) {
 
 inline void on_server_child_signal(int) {
   int saved = errno;
-  if (ServerState* state = running_server.load()) state->wake();
+  if (ServerState* state = running_server.load()) {
+    state->child_exited = 1;
+    state->wake();
+  }
   errno = saved;
 }
 
@@ -4798,6 +4908,8 @@ class RunningServerScope {
     save_and_install(SIGINT, on_server_stop_signal, SA_RESTART, 1);
     save_and_install(SIGCHLD, on_server_child_signal, SA_RESTART | SA_NOCLDSTOP, 2);
     save_and_install(SIGPIPE, SIG_IGN, 0, 3);
+    state.prelude.handled_signals = signals_not_default();
+    state.prelude.timeout_text = format_seconds(state.options.hung_worker_timeout);
     title_ = process_title();
     set_process_title("aet-server:" + state.options.name);
   }
@@ -4832,7 +4944,11 @@ class MasterLoop {
   void run() {
     for (;;) {
       if (!stopping_ && state_.stop_requested.load()) begin_stop();
-      reap();
+      // waitpid() only when a child ended (SIGCHLD), or while stopping.
+      if (state_.child_exited || stopping_) {
+        state_.child_exited = 0;
+        reap();
+      }
       if (stopping_) {
         if (state_.workers.empty()) return;
         double now = monotonic_seconds();
@@ -4894,7 +5010,7 @@ class MasterLoop {
 
   void drain_wake_pipe() {
     char bytes[256];
-    while (::read(state_.wake_read.get(), bytes, sizeof bytes) > 0) {
+    while (::read(state_.wake_read.get(), bytes, sizeof bytes) == static_cast<ssize_t>(sizeof bytes)) {
     }
   }
 
@@ -4931,7 +5047,7 @@ class MasterLoop {
     {
       SignalsBlocked blocked;
       pid = ::fork();
-      if (pid == 0) become_worker(state_.options, conn.get());
+      if (pid == 0) become_worker(state_.options, conn.get(), state_.prelude);
     }
     if (pid < 0) {
       log_line(prefix_ + "cannot fork a worker, dropping the connection: " + errno_text(errno));
@@ -5027,6 +5143,7 @@ inline void Server::run() {
   if (state.ran) throw ServerError("Server::run() was already called");
   state.ran = true;
   si::RunningServerScope scope(state);
+  si::warm_up_worker_paths();
   try {
     si::MasterLoop(state).run();
   } catch (...) {

@@ -6,7 +6,7 @@
 //   aet_bench payload BYTES    echo of a string of that size
 //   aet_bench json             parse and dump throughput (and peers if installed)
 //   aet_bench memory           client memory per pending checkout, idle worker RSS
-//   aet_bench scale W          checkouts per second with W workers
+//   aet_bench scale W [N]      checkouts per second with W workers, and with 4
 //
 // The server runs with the default hung_worker_timeout (300 s), or with
 // $AET_BENCH_HUNG_TIMEOUT seconds (0: none) if set.
@@ -92,22 +92,22 @@ class RawReader {
     for (;;) {
       std::size_t have = end_ - start_;
       if (have >= 4) {
-        const auto* h = reinterpret_cast<const unsigned char*>(buffer_.data() + start_);
+        const auto* h = reinterpret_cast<const unsigned char*>(data() + start_);
         std::size_t size = (std::size_t{h[0]} << 24) | (std::size_t{h[1]} << 16) |
                            (std::size_t{h[2]} << 8) | h[3];
         if (have >= 4 + size) {
-          body = std::string_view(buffer_.data() + start_ + 4, size);
+          body = std::string_view(data() + start_ + 4, size);
           start_ += 4 + size;
           return true;
         }
-        if (buffer_.size() < start_ + 4 + size) {  // room for the whole frame
-          std::memmove(buffer_.data(), buffer_.data() + start_, have);
+        if (capacity_ < start_ + 4 + size) {  // room for the whole frame
+          std::memmove(data(), data() + start_, have);
           start_ = 0;
           end_ = have;
-          if (buffer_.size() < 4 + size) buffer_.resize(4 + size);
+          if (capacity_ < 4 + size) grow(4 + size);
         }
-      } else if (buffer_.size() - end_ < 4) {
-        std::memmove(buffer_.data(), buffer_.data() + start_, have);
+      } else if (capacity_ - end_ < 4) {
+        std::memmove(data(), data() + start_, have);
         start_ = 0;
         end_ = have;
       }
@@ -116,15 +116,25 @@ class RawReader {
         if (errno == EINTR) continue;
         die("poll");
       }
-      ssize_t n = ::read(fd_, buffer_.data() + end_, buffer_.size() - end_);
+      ssize_t n = ::read(fd_, data() + end_, capacity_ - end_);
       if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
       if (n <= 0) return false;
       end_ += static_cast<std::size_t>(n);
     }
   }
+
  private:
+  char* data() { return buffer_.get(); }
+  void grow(std::size_t size) {
+    std::unique_ptr<char[]> bigger(new char[size]);
+    std::memcpy(bigger.get(), buffer_.get(), end_);
+    buffer_ = std::move(bigger);
+    capacity_ = size;
+  }
   int fd_;
-  std::vector<char> buffer_ = std::vector<char>(64 * 1024);  // as the library's read buffers
+  // 64 KiB as the library's read buffers, not zeroed (as theirs).
+  std::size_t capacity_ = 64 * 1024;
+  std::unique_ptr<char[]> buffer_{new char[capacity_]};
   std::size_t start_ = 0, end_ = 0;
 };
 
@@ -269,13 +279,19 @@ struct LibraryEcho {
       : client(loop, options), checkout(client.checkout()), arg(std::move(argument)) {
     next = [this](aet::Checkout& c, aet::Json r) {
       if (expected_size && r.as_string().size() != expected_size) die("short echo");
-      if (--left > 0) c.call("echo", aet::Json::array({arg}), next);
+      if (--left > 0) c.call("echo", args(), next);
     };
+  }
+  // [arg], copying arg once (an initializer list would copy it twice).
+  aet::Json args() const {
+    aet::Json list = aet::Json::array();
+    list.push_back(arg);
+    return list;
   }
   double batch(int count) {
     left = count;
     double t0 = now();
-    aet::frame_try([&] { checkout.call("echo", aet::Json::array({arg}), next); }, on_error);
+    aet::frame_try([&] { checkout.call("echo", args(), next); }, on_error);
     run_until(loop, [&] { return left == 0; });
     return now() - t0;
   }
@@ -316,13 +332,13 @@ void bench_rtt(int n) {
 
 // ---- checkouts -----------------------------------------------------------------
 
-// A client of `workers` workers; a batch is `count` checkouts of one call,
-// all queued at once.
+// A client of `workers` workers on a loop of its own; a batch is `count`
+// checkouts of one call, all queued at once.
 struct LibraryPool {
-  aet::Loop& loop;
+  aet::Loop loop;
   aet::Client client;
   int served = 0;
-  LibraryPool(aet::Loop& l, Bench& b, unsigned workers) : loop(l), client(l, b.client_options(workers)) {}
+  LibraryPool(Bench& b, unsigned workers) : client(loop, b.client_options(workers)) {}
   double batch(int count) {
     served = 0;
     double t0 = now();
@@ -381,8 +397,7 @@ struct RawPool {
 
 void bench_checkouts(int n, unsigned workers) {
   Bench b;
-  aet::Loop loop;
-  LibraryPool library(loop, b, workers);
+  LibraryPool library(b, workers);
   RawPool raw(workers);
   const int per_batch = std::max(1, n / batches);
   library.batch(static_cast<int>(workers) * 2);  // connects every worker
@@ -395,12 +410,12 @@ void bench_checkouts(int n, unsigned workers) {
   print("floor_checkouts_per_s", per_batch / t[1]);
 }
 
-// W workers beside 4, over the same server and loop, in the same run.
+// W workers beside 4 (each pool on its own loop, one server), in the same
+// run: the ratio of the two is the target.
 void bench_scale(int n, unsigned workers) {
   Bench b;
-  aet::Loop loop;
-  LibraryPool few(loop, b, 4);
-  LibraryPool many(loop, b, workers);
+  LibraryPool few(b, 4);
+  LibraryPool many(b, workers);
   RawPool raw(workers);
   const int per_batch = std::max(1, n / batches);
   few.batch(8);
@@ -670,7 +685,8 @@ void bench_memory() {
 int arg(int argc, char** argv, int i, int fallback) { return i < argc ? std::atoi(argv[i]) : fallback; }
 
 void usage() {
-  std::fputs("usage: aet_bench rtt N | checkouts N W | spawn N | payload BYTES | json | memory | scale W\n", stderr);
+  std::fputs("usage: aet_bench rtt N | checkouts N W | spawn N | payload BYTES | json | memory | scale W [N]\n",
+             stderr);
   std::exit(2);
 }
 
@@ -689,7 +705,7 @@ int main(int argc, char** argv) {
   } else if (what == "checkouts") {
     bench_checkouts(arg(argc, argv, 2, 20000), static_cast<unsigned>(arg(argc, argv, 3, 4)));
   } else if (what == "scale") {
-    bench_scale(20000, static_cast<unsigned>(arg(argc, argv, 2, 500)));
+    bench_scale(arg(argc, argv, 3, 20000), static_cast<unsigned>(arg(argc, argv, 2, 500)));
   } else if (what == "spawn") {
     bench_spawn(arg(argc, argv, 2, 300));
   } else if (what == "payload") {

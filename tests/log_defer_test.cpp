@@ -483,6 +483,21 @@ TEST_CASE("a request that logs nothing gives a null message") {
   REQUIRE(aet::detail::end_request_log().is_null());  // no request open at all
 }
 
+TEST_CASE("a request log made at its first use starts when the request started") {
+  // The log is made lazily (a request that logs nothing costs nothing):
+  // its times still count from the start of the request.
+  const double before = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  aet::detail::begin_request_log();
+  let_time_pass(0.05);
+  aet::logger().info("late");
+  aet::Json message = aet::detail::end_request_log();
+  REQUIRE(message["logs"].size() == 1);
+  CHECK(message["logs"][0][0].as_double() >= 0.049);
+  CHECK(message["end"].as_double() >= 0.049);
+  CHECK(message["start"].as_double() >= before - 0.001);
+  CHECK(message["start"].as_double() <= before + 0.04);
+}
+
 TEST_CASE("each request gets a fresh log") {
   aet::detail::begin_request_log();
   aet::logger().info("first request");
