@@ -190,7 +190,8 @@ struct Bench {
     so.listen = address;
     so.name = "bench";
     so.hung_worker_timeout = hung_worker_timeout();
-    so.interface = aet::Methods{{"echo", [](const aet::Json& args) -> aet::Json { return args[0]; }}};
+    // The handler owns its arguments: the echo moves its argument out.
+    so.interface = aet::Methods{{"echo", [](aet::Json args) -> aet::Json { return std::move(args[0]); }}};
     return so;
   }
   aet::ClientOptions client_options(unsigned workers) {
@@ -277,21 +278,24 @@ struct LibraryEcho {
 
   LibraryEcho(const aet::ClientOptions& options, aet::Json argument)
       : client(loop, options), checkout(client.checkout()), arg(std::move(argument)) {
+    // Each call sends back what the last one returned (as the raw echo
+    // sends the same bytes again), moved rather than copied.
     next = [this](aet::Checkout& c, aet::Json r) {
-      if (expected_size && r.as_string().size() != expected_size) die("short echo");
-      if (--left > 0) c.call("echo", args(), next);
+      const aet::Json& echoed = r;
+      if (expected_size && echoed.as_string().size() != expected_size) die("short echo");
+      if (--left > 0) c.call("echo", args(std::move(r)), next);
     };
   }
-  // [arg], copying arg once (an initializer list would copy it twice).
-  aet::Json args() const {
+  // [a], without copying a (an initializer list would copy it twice).
+  static aet::Json args(aet::Json a) {
     aet::Json list = aet::Json::array();
-    list.push_back(arg);
+    list.push_back(std::move(a));
     return list;
   }
   double batch(int count) {
     left = count;
     double t0 = now();
-    aet::frame_try([&] { checkout.call("echo", args(), next); }, on_error);
+    aet::frame_try([&] { checkout.call("echo", args(arg), next); }, on_error);
     run_until(loop, [&] { return left == 0; });
     return now() - t0;
   }
@@ -585,44 +589,53 @@ std::string mixed_document(std::size_t target) {
   return out;
 }
 
+// Seconds one run of `work` takes.
 template <class F>
-double mb_per_s(std::size_t bytes, F&& work) {
-  double best = 0;
-  for (int i = 0; i < 5; ++i) {
-    double t0 = now();
-    work();
-    double rate = bytes / (now() - t0) / 1e6;
-    if (rate > best) best = rate;
-  }
-  return best;
+double seconds(F&& work) {
+  double t0 = now();
+  work();
+  return now() - t0;
 }
 
+// The three libraries take turns (alternate()), so that a change in the
+// machine's load hits them alike; each figure is the median of 10 turns.
 void bench_json() {
   std::string text = mixed_document(8u << 20);
   print("json_document_mb", text.size() / 1e6);
+  const double mb = text.size() / 1e6;
+  std::vector<std::string> names = {"json_parse_mb_s", "json_dump_mb_s"};
   aet::Json doc;
-  print("json_parse_mb_s", mb_per_s(text.size(), [&] { doc = aet::Json::parse(text); }));
   std::string dumped;
-  print("json_dump_mb_s", mb_per_s(text.size(), [&] { dumped = doc.dump(); }));
+  std::vector<std::function<double()>> work = {
+      [&] { return seconds([&] { doc = aet::Json::parse(text); }); },
+      [&] { return seconds([&] { dumped = doc.dump(); }); },
+  };
 #ifdef AET_BENCH_NLOHMANN
   nlohmann::json n;
-  print("nlohmann_parse_mb_s", mb_per_s(text.size(), [&] { n = nlohmann::json::parse(text); }));
-  print("nlohmann_dump_mb_s", mb_per_s(text.size(), [&] { dumped = n.dump(); }));
+  names.insert(names.end(), {"nlohmann_parse_mb_s", "nlohmann_dump_mb_s"});
+  work.push_back([&] { return seconds([&] { n = nlohmann::json::parse(text); }); });
+  work.push_back([&] { return seconds([&] { dumped = n.dump(); }); });
 #endif
 #ifdef AET_BENCH_RAPIDJSON
   rapidjson::Document r;
-  print("rapidjson_parse_mb_s", mb_per_s(text.size(), [&] {
-          r.Parse<rapidjson::kParseValidateEncodingFlag | rapidjson::kParseFullPrecisionFlag>(text.c_str(),
-                                                                                             text.size());
-          if (r.HasParseError()) die("rapidjson parse");
-        }));
-  print("rapidjson_dump_mb_s", mb_per_s(text.size(), [&] {
-          rapidjson::StringBuffer sb;
-          rapidjson::Writer<rapidjson::StringBuffer> w(sb);
-          r.Accept(w);
-          dumped.assign(sb.GetString(), sb.GetSize());
-        }));
+  names.insert(names.end(), {"rapidjson_parse_mb_s", "rapidjson_dump_mb_s"});
+  work.push_back([&] {
+    return seconds([&] {
+      r.Parse<rapidjson::kParseValidateEncodingFlag | rapidjson::kParseFullPrecisionFlag>(text.c_str(), text.size());
+      if (r.HasParseError()) die("rapidjson parse");
+    });
+  });
+  work.push_back([&] {
+    return seconds([&] {
+      rapidjson::StringBuffer sb;
+      rapidjson::Writer<rapidjson::StringBuffer> w(sb);
+      r.Accept(w);
+      dumped.assign(sb.GetString(), sb.GetSize());
+    });
+  });
 #endif
+  const std::vector<double> t = alternate(work);
+  for (std::size_t i = 0; i < t.size(); ++i) print(names[i].c_str(), mb / t[i]);
 }
 
 // ---- memory ------------------------------------------------------------------------

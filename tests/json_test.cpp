@@ -345,6 +345,74 @@ TEST_CASE("strings are printed with minimal escapes") {
   REQUIRE(Json::parse(Json(controls).dump()).as_string() == controls);
 }
 
+// The JSON text of s, byte by byte: what the printer's bulk paths must match.
+std::string escaped_reference(const std::string& s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    if (c == '"') out += "\\\"";
+    else if (c == '\\') out += "\\\\";
+    else if (c == '\n') out += "\\n";
+    else if (c == '\t') out += "\\t";
+    else if (c < 0x20) {
+      char hex[8];
+      std::snprintf(hex, sizeof hex, "\\u%04x", c);
+      out += hex;
+    } else out += static_cast<char>(c);
+  }
+  return out + "\"";
+}
+
+TEST_CASE("a byte to escape or check is found at every position of strings of every length") {
+  // Strings are scanned 64, 16 and 8 bytes at a time: every offset of a
+  // special byte against those blocks, and every tail length.
+  const std::string specials[] = {"\"", "\\", "\n", std::string(1, '\x01'), std::string(1, '\0'), "\x7f",
+                                  "\xc3\xa9", "\xe2\x82\xac", "\xf0\x9f\x98\x80"};
+  for (std::size_t length = 1; length <= 150; ++length) {
+    const std::string plain(length, 'a');
+    REQUIRE(Json(plain).dump() == escaped_reference(plain));
+    for (std::size_t at = 0; at < length; ++at) {
+      for (const std::string& special : specials) {
+        std::string text = plain;
+        text.replace(at, 1, special);
+        const std::string printed = Json(text).dump();
+        if (printed != escaped_reference(text)) FAIL("length " << length << ", special at " << at);
+        if (Json::parse(printed).as_string() != text) FAIL("read back: length " << length << ", at " << at);
+      }
+      std::string bad = plain;
+      bad[at] = '\xff';
+      if (error_of([&] { Json(bad).dump(); }).find("not UTF-8") == std::string::npos)
+        FAIL("invalid UTF-8 printed: length " << length << ", at " << at);
+      if (parse_error("\"" + bad + "\"").find("invalid UTF-8") == std::string::npos)
+        FAIL("invalid UTF-8 parsed: length " << length << ", at " << at);
+      std::string raw_control = plain;
+      raw_control[at] = '\n';
+      if (parse_error("\"" + raw_control + "\"").find("control character") == std::string::npos)
+        FAIL("raw control character parsed: length " << length << ", at " << at);
+    }
+  }
+}
+
+TEST_CASE("a parsed string changed through as_string() is escaped when printed") {
+  // The parser marks the strings it has checked as printable verbatim; a
+  // change must drop the mark, on the value and never on a copy's original.
+  Json v = Json::parse(R"(["plain", "caf\u00e9 \u65e5", "tab\there"])");
+  REQUIRE(v.dump() == "[\"plain\",\"caf\xc3\xa9 \xe6\x97\xa5\",\"tab\\there\"]");
+  Json copy = v[0];
+  copy.as_string() = "q\"\n";
+  REQUIRE(copy.dump() == R"("q\"\n")");
+  REQUIRE(v[0].dump() == R"("plain")");
+  std::string& text = v[0].as_string();
+  REQUIRE(v.dump() == "[\"plain\",\"caf\xc3\xa9 \xe6\x97\xa5\",\"tab\\there\"]");
+  text += '\\';
+  text += '\xff';
+  REQUIRE(error_of([&] { v.dump(); }).find("not UTF-8") != std::string::npos);
+  text.pop_back();
+  REQUIRE(v.dump() == "[\"plain\\\\\",\"caf\xc3\xa9 \xe6\x97\xa5\",\"tab\\there\"]");
+  Json moved = std::move(v[1]);
+  moved.as_string() += "\x01";
+  REQUIRE(moved.dump() == "\"caf\xc3\xa9 \xe6\x97\xa5\\u0001\"");
+}
+
 TEST_CASE("printing a string that is not UTF-8 is an error") {
   for (const char* bad : {"\xff", "a\xc3", "\xc0\xaf", "\xed\xa0\x80", "\xf4\x90\x80\x80", "\x80"}) {
     INFO(bad);

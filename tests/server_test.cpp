@@ -16,6 +16,7 @@
 #include <limits>
 #include <set>
 #include <thread>
+#include <utility>
 
 #include "test_support.hpp"
 
@@ -372,6 +373,39 @@ TEST_CASE("a catch-all receives every argument, the method name first") {
   CHECK(wire.result(args({5, Json::object({{"k", "v"}})})) ==
         Json::array({"got", Json::array({5, Json::object({{"k", "v"}})})}));
   CHECK(wire.result(args({})) == Json::array({"got", Json::array()}));
+}
+
+TEST_CASE("a handler owns its arguments: taken by value they can be moved out of and changed") {
+  TempDir dir;
+  aet::ServerOptions options = options_for(dir.unix_address());
+  options.interface = aet::Methods{
+      {"take", [](Json args) {
+         Json taken = std::move(args[0]);
+         return Json::array({std::move(taken), std::as_const(args)[0].is_null()});
+       }},
+      {"append", [](Json args) {
+         args.push_back("added");
+         return args;
+       }},
+      {"read", [](const Json& args) { return args[0]; }},
+  };
+  const std::string big(100000, 'b');
+  {
+    auto server = aet::fork_task_server(options);
+    Wire wire(server.address());
+    CHECK(wire.result(args({"take", big})) == Json::array({big, true}));
+    CHECK(wire.result(args({"append", 1})) == Json::array({1, "added"}));
+    CHECK(wire.result(args({"read", big})) == Json(big));
+  }
+  TempDir other;
+  options.listen = other.unix_address();
+  options.interface = aet::CatchAll([](Json all) {
+    all.as_array().erase(all.as_array().begin());
+    return all;
+  });
+  auto server = aet::fork_task_server(options);
+  Wire wire(server.address());
+  CHECK(wire.result(args({"dropped", big, 2})) == Json::array({big, 2}));
 }
 
 TEST_CASE("an unknown method, a non-string or a missing method name is an error reply") {
