@@ -2576,6 +2576,13 @@ class JsonParser {
   std::vector<const char*> key_positions_;  // of members_, for duplicate-key errors
 };
 
+// Keeps a function out of its callers (where the compiler supports it).
+#if defined(__GNUC__)
+#define AET_NOINLINE __attribute__((noinline))
+#else
+#define AET_NOINLINE
+#endif
+
 // Prints into one std::string. The cursor travels in a register from call
 // to call (it is passed and returned); the string is grown geometrically
 // when a write needs more room than is left, and trimmed at the end.
@@ -2616,8 +2623,15 @@ class JsonWriter {
     return o + n;
   }
 
-  // Scalars inline; containers, strings and doubles out of line.
+  // Containers out of line: the usual call, for a scalar, then saves and
+  // restores few registers.
   char* write(char* o, const Json& v, std::size_t depth) {
+    if (v.type_ == Json::Type::Array) return write_array(o, v.value_.array, depth);
+    if (v.type_ == Json::Type::Object) return write_object(o, v.value_.object, depth);
+    return write_scalar(o, v);
+  }
+
+  char* write_scalar(char* o, const Json& v) {
     switch (v.type_) {
       case Json::Type::Null:
         o = room(o, 4);
@@ -2645,13 +2659,13 @@ class JsonWriter {
         const JsonString& s = *v.string_payload();
         return s.prints_verbatim ? write_verbatim_string(o, s.text) : write_string(o, s.text);
       }
-      case Json::Type::Array: return write_array(o, v.value_.array, depth);
-      case Json::Type::Object: return write_object(o, v.value_.object, depth);
+      case Json::Type::Array:
+      case Json::Type::Object: break;  // write() takes them
     }
     return o;
   }
 
-  char* write_array(char* o, const Json::Array& a, std::size_t depth) {
+  AET_NOINLINE char* write_array(char* o, const Json::Array& a, std::size_t depth) {
     const Json* it = a.data();
     const std::size_t n = a.size();
     o = room(o, 2);
@@ -2684,7 +2698,7 @@ class JsonWriter {
     return o;
   }
 
-  char* write_object(char* o, const Json::Object& object, std::size_t depth) {
+  AET_NOINLINE char* write_object(char* o, const Json::Object& object, std::size_t depth) {
     const auto* it = object.data();
     const std::size_t n = object.size();
     o = room(o, 2);
@@ -2751,9 +2765,22 @@ class JsonWriter {
     return end;
   }
 
-  // A string the parser found needs no escape and is valid UTF-8.
+  // A string the parser found needs no escape and is valid UTF-8. A long
+  // one is appended to the output rather than copied into room made for
+  // it, which resize() would first fill with zeros.
   char* write_verbatim_string(char* o, const std::string& s) {
     const std::size_t n = s.size();
+    if (n > 4096 && static_cast<std::size_t>(end_ - o) < n + 2) {
+      out_.resize(static_cast<std::size_t>(o - begin_));
+      out_ += '"';
+      out_ += s;
+      out_ += '"';
+      const std::size_t used = out_.size();
+      out_.resize(used + 256);
+      begin_ = &out_[0];
+      end_ = begin_ + out_.size();
+      return begin_ + used;
+    }
     o = room(o, n + 2);
     *o = '"';
     std::memcpy(o + 1, s.data(), n);

@@ -413,6 +413,19 @@ TEST_CASE("a parsed string changed through as_string() is escaped when printed")
   REQUIRE(moved.dump() == "\"caf\xc3\xa9 \xe6\x97\xa5\\u0001\"");
 }
 
+TEST_CASE("long parsed strings are printed as read, wherever they fall in the output") {
+  for (std::size_t length : {4096u, 4097u, 5000u, 70000u}) {
+    const std::string a(length, 'a'), b(length * 2, 'b');
+    const std::string text = "[1,\"" + a + "\",{\"k\":\"" + b + "\",\"e\":\"\\n\"},2.5,\"" + a + "\"]";
+    const Json v = Json::parse(text);
+    REQUIRE(v.dump() == text);
+    std::string out = "prefix ";
+    v.dump_to(out);
+    REQUIRE(out == "prefix " + text);
+    REQUIRE(Json::parse(v.dump(2)) == v);
+  }
+}
+
 TEST_CASE("printing a string that is not UTF-8 is an error") {
   for (const char* bad : {"\xff", "a\xc3", "\xc0\xaf", "\xed\xa0\x80", "\xf4\x90\x80\x80", "\x80"}) {
     INFO(bad);
