@@ -1122,6 +1122,47 @@ std::string encode_frame(const Json& message);
 // ["er", {meta}, "message"]. Unknown meta keys are fine.
 void check_message(const Json& message);
 
+namespace detail {
+// Bytes whose growth leaves the new ones unset, so that what a socket read
+// fills is not first zeroed (std::string's resize() would).
+class ByteBuffer {
+ public:
+  char* data() noexcept { return bytes_.get(); }
+  const char* data() const noexcept { return bytes_.get(); }
+  std::size_t size() const noexcept { return size_; }
+  std::size_t capacity() const noexcept { return capacity_; }
+  void reserve(std::size_t n) {
+    if (n <= capacity_) return;
+    std::unique_ptr<char[]> bigger(new char[n]);
+    if (size_) std::memcpy(bigger.get(), bytes_.get(), size_);
+    bytes_ = std::move(bigger);
+    capacity_ = n;
+  }
+  // n more bytes, left unset; the old end is returned.
+  char* extend(std::size_t n) {
+    if (capacity_ - size_ < n) reserve(std::max(size_ + n, capacity_ * 2));
+    size_ += n;
+    return bytes_.get() + size_ - n;
+  }
+  void append(const char* p, std::size_t n) {
+    if (n) std::memcpy(extend(n), p, n);
+  }
+  void truncate(std::size_t n) noexcept { size_ = std::min(size_, n); }
+  void erase_front(std::size_t n) noexcept {
+    std::memmove(bytes_.get(), bytes_.get() + n, size_ - n);
+    size_ -= n;
+  }
+  void release() noexcept {
+    bytes_.reset();
+    size_ = capacity_ = 0;
+  }
+
+ private:
+  std::unique_ptr<char[]> bytes_;
+  std::size_t size_ = 0, capacity_ = 0;
+};
+}  // namespace detail
+
 // Takes bytes in any chunking and yields whole, shape-checked messages.
 //
 // A frame whose body is bad (not JSON, wrong shape) is consumed and makes
@@ -1137,6 +1178,12 @@ class FrameDecoder {
                         std::size_t max_depth = AET_DEFAULT_MAX_DEPTH);
   void feed(const char* data, std::size_t size);
   void feed(std::string_view bytes) { feed(bytes.data(), bytes.size()); }
+  // For reading straight into the decoder (no copy through a buffer of the
+  // caller's): room for at least `at_least` bytes, and for all of a large
+  // frame's body once its header is in; fill some of it, then commit(n),
+  // which takes the first n bytes as feed() would. Throws as feed() does.
+  std::pair<char*, std::size_t> input_space(std::size_t at_least = 64 * 1024);
+  void commit(std::size_t n);
   // The next whole message, or nothing yet; ProtocolError on a bad one.
   std::optional<Json> next();
   std::size_t buffered() const noexcept { return buffer_.size() - read_pos_; }  // held, not yet yielded
@@ -1144,9 +1191,10 @@ class FrameDecoder {
  private:
   void compact();
   void release_if_drained();
+  void take_in();
   [[noreturn]] void throw_broken() const;
   std::size_t max_frame_, max_depth_;
-  std::string buffer_;
+  detail::ByteBuffer buffer_;
   std::size_t read_pos_ = 0;     // start of the first frame not yet yielded
   std::size_t pending_pos_ = 0;  // start of the first frame not yet complete
   std::size_t pending_length_ = 0;  // its body length, once its header is in
@@ -3997,9 +4045,9 @@ inline void FrameDecoder::throw_broken() const { throw ProtocolError(broken_); }
 inline void FrameDecoder::compact() {
   if (read_pos_ == 0) return;
   if (read_pos_ == buffer_.size()) {
-    buffer_.clear();
+    buffer_.truncate(0);
   } else if (read_pos_ >= 4096 && read_pos_ * 2 >= buffer_.size()) {
-    buffer_.erase(0, read_pos_);
+    buffer_.erase_front(read_pos_);
   } else {
     return;
   }
@@ -4010,47 +4058,69 @@ inline void FrameDecoder::compact() {
 // After a large frame, gives its memory back instead of keeping the peak.
 inline void FrameDecoder::release_if_drained() {
   if (read_pos_ != buffer_.size() || buffer_.capacity() <= detail::kept_buffer_limit) return;
-  std::string().swap(buffer_);
+  buffer_.release();
   read_pos_ = pending_pos_ = 0;
 }
 
 inline void FrameDecoder::feed(const char* data, std::size_t size) {
   if (!broken_.empty()) throw_broken();
   compact();
+  // Whole frames of a large feed are checked one header at a time, so an
+  // oversize header is refused before the body after it is buffered.
   while (size > 0) {
-    std::size_t have = buffer_.size() - pending_pos_;
-    if (have < 4) {
-      // Complete the header first: its length decides whether the body is
-      // welcome at all.
-      const std::size_t take = std::min(4 - have, size);
-      buffer_.append(data, take);
-      data += take;
-      size -= take;
-      if (buffer_.size() - pending_pos_ < 4) break;
+    const std::size_t have = buffer_.size() - pending_pos_;
+    const std::size_t want = have < 4 ? 4 - have : 4 + pending_length_ - have;
+    const std::size_t take = std::min(want, size);
+    buffer_.append(data, take);
+    data += take;
+    size -= take;
+    take_in();
+    if (!broken_.empty()) return;
+  }
+}
+
+inline std::pair<char*, std::size_t> FrameDecoder::input_space(std::size_t at_least) {
+  if (!broken_.empty()) throw_broken();
+  compact();
+  const std::size_t have = buffer_.size() - pending_pos_;
+  const std::size_t body_left = have >= 4 ? 4 + pending_length_ - have : 0;
+  const std::size_t room = std::max({at_least, body_left, std::size_t{1}});
+  buffer_.reserve(buffer_.size() + room);
+  return {buffer_.data() + buffer_.size(), buffer_.capacity() - buffer_.size()};
+}
+
+inline void FrameDecoder::commit(std::size_t n) {
+  if (!broken_.empty()) throw_broken();
+  if (n > buffer_.capacity() - buffer_.size()) throw Error("FrameDecoder::commit: more bytes than input_space() gave");
+  buffer_.extend(n);  // within what input_space() gave: the bytes are there
+  take_in();
+}
+
+// Completes the pending frame's header and body with what is buffered,
+// frame after frame; a bad header stops the stream (and what follows it
+// is dropped).
+inline void FrameDecoder::take_in() {
+  for (;;) {
+    const std::size_t have = buffer_.size() - pending_pos_;
+    if (have < 4) return;
+    if (pending_length_ == 0) {
       const auto* h = reinterpret_cast<const unsigned char*>(buffer_.data() + pending_pos_);
       const std::size_t length = std::size_t{h[0]} << 24 | std::size_t{h[1]} << 16 | std::size_t{h[2]} << 8 | h[3];
       if (length == 0 || length > max_frame_) {
         broken_ = length == 0 ? std::string("zero-length frame")
                               : "frame of " + std::to_string(length) + " bytes exceeds the limit of " +
                                     std::to_string(max_frame_);
-        buffer_.resize(pending_pos_);
+        buffer_.truncate(pending_pos_);
         if (read_pos_ == pending_pos_) throw_broken();
         return;
       }
       pending_length_ = length;
-      // One allocation for the whole frame: the body is then copied once.
-      if (buffer_.capacity() < pending_pos_ + 4 + length) buffer_.reserve(pending_pos_ + 4 + length);
-      have = 4;
+      // One allocation for the whole frame: the body is then read or copied once.
+      buffer_.reserve(pending_pos_ + 4 + length);
     }
-    const std::size_t need = 4 + pending_length_ - have;
-    const std::size_t take = std::min(need, size);
-    buffer_.append(data, take);
-    data += take;
-    size -= take;
-    if (take == need) {
-      pending_pos_ += 4 + pending_length_;
-      pending_length_ = 0;
-    }
+    if (have < 4 + pending_length_) return;
+    pending_pos_ += 4 + pending_length_;
+    pending_length_ = 0;
   }
 }
 
@@ -4786,10 +4856,6 @@ class Worker {
   }
 
   [[noreturn]] void serve_forever() {
-    // On the stack and not zeroed: a fresh worker touches only what read()
-    // fills (one page, not sixteen) and does not grow its heap for it.
-    constexpr std::size_t buffer_size = 64 * 1024;
-    char buffer[buffer_size];
     for (;;) {
       for (;;) {
         std::optional<Json> message;
@@ -4823,7 +4889,15 @@ class Worker {
         fail("poll: " + errno_text(error));
       }
       if (ready == 0) continue;  // the hung timer's backstop is due for clearing
-      ssize_t n = ::read(conn_, buffer, buffer_size);
+      // Straight into the decoder (its memory is not zeroed: a fresh worker
+      // touches only what read() fills), all of a large body at once.
+      std::pair<char*, std::size_t> space;
+      try {
+        space = decoder_.input_space();
+      } catch (const std::exception& e) {
+        protocol_error(e.what());
+      }
+      ssize_t n = ::read(conn_, space.first, space.second);
       if (n == 0) ::_exit(0);
       if (n < 0) {
         error = errno;
@@ -4832,7 +4906,7 @@ class Worker {
         fail("read: " + errno_text(error));
       }
       try {
-        decoder_.feed(buffer, static_cast<std::size_t>(n));
+        decoder_.commit(static_cast<std::size_t>(n));
       } catch (const std::exception& e) {
         protocol_error(e.what());
       }
@@ -5848,15 +5922,31 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   void read_replies(const std::shared_ptr<ClientWorker>& worker) {
     bool eof = false;
     for (;;) {
-      const ssize_t n = ::recv(worker->fd, read_buffer.data(), read_buffer.size(), 0);
+      // Into the shared buffer, then copied into the decoder; but straight
+      // into the decoder when it has that much room anyway (a large body
+      // is awaited), so a large reply is not copied twice.
+      std::pair<char*, std::size_t> space{read_buffer.data(), read_buffer.size()};
+      bool direct = false;
+      try {
+        const std::pair<char*, std::size_t> room = worker->decoder.input_space(0);
+        if (room.second >= read_buffer.size()) {
+          space = room;
+          direct = true;
+        }
+      } catch (const std::exception& e) {
+        worker_failed(worker, std::string("protocol error: ") + e.what());
+        return;
+      }
+      const ssize_t n = ::recv(worker->fd, space.first, space.second, 0);
       if (n > 0) {
         try {
-          worker->decoder.feed(read_buffer.data(), static_cast<std::size_t>(n));
+          if (direct) worker->decoder.commit(static_cast<std::size_t>(n));
+          else worker->decoder.feed(space.first, static_cast<std::size_t>(n));
         } catch (const std::exception& e) {
           worker_failed(worker, std::string("protocol error: ") + e.what());
           return;
         }
-        if (static_cast<std::size_t>(n) < read_buffer.size()) break;  // drained, most likely
+        if (static_cast<std::size_t>(n) < space.second) break;  // drained, most likely
         continue;
       }
       if (n < 0 && errno == EINTR) continue;

@@ -1,8 +1,10 @@
 // The wire protocol: frame encoding, message shape checks, incremental decoding.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -71,6 +73,27 @@ std::vector<Json> decode_in_chunks(const std::string& stream, NextSize next_size
   while (pos < stream.size()) {
     const std::size_t n = std::min(next_size(), stream.size() - pos);
     decoder.feed(stream.data() + pos, n);
+    pos += n;
+    while (auto m = decoder.next()) out.push_back(std::move(*m));
+  }
+  REQUIRE(decoder.buffered() == 0);
+  REQUIRE_FALSE(decoder.next().has_value());
+  return out;
+}
+
+// The same, the bytes written into input_space() and committed, as a
+// socket read into the decoder would; `at_least` is asked for each time.
+template <class NextSize>
+std::vector<Json> decode_in_place(const std::string& stream, NextSize next_size, std::size_t at_least) {
+  FrameDecoder decoder;
+  std::vector<Json> out;
+  std::size_t pos = 0;
+  while (pos < stream.size()) {
+    const auto space = decoder.input_space(at_least);
+    REQUIRE(space.second >= std::max<std::size_t>(at_least, 1));
+    const std::size_t n = std::min({next_size(), stream.size() - pos, space.second});
+    std::memcpy(space.first, stream.data() + pos, n);
+    decoder.commit(n);
     pos += n;
     while (auto m = decoder.next()) out.push_back(std::move(*m));
   }
@@ -155,6 +178,66 @@ TEST_CASE("messages decode the same in every chunking") {
         decode_in_chunks(stream, [&] { return std::uniform_int_distribution<std::size_t>(1, limit)(rng); });
     REQUIRE(out == messages);
   }
+}
+
+TEST_CASE("bytes read straight into the decoder decode as fed ones do") {
+  const std::vector<Json> messages = sample_messages();
+  const std::string stream = encode_all(messages);
+  for (std::size_t at_least : {std::size_t{0}, std::size_t{1}, std::size_t{5}, std::size_t{65536}}) {
+    for (std::size_t chunk : {std::size_t{1}, std::size_t{3}, std::size_t{64}, stream.size()}) {
+      INFO("at least " << at_least << ", chunk " << chunk);
+      REQUIRE(decode_in_place(stream, [chunk] { return chunk; }, at_least) == messages);
+    }
+  }
+  std::mt19937 rng(777);
+  for (int round = 0; round < 10; ++round) {
+    auto size = [&] { return std::uniform_int_distribution<std::size_t>(1, 5000)(rng); };
+    REQUIRE(decode_in_place(stream, size, 16) == messages);
+  }
+}
+
+TEST_CASE("once a large frame's header is in, input_space holds all of its body") {
+  const Json message{"ok", Json::object(), std::string(1 << 20, 'x')};
+  const std::string frame = aet::encode_frame(message);
+  FrameDecoder decoder;
+  auto space = decoder.input_space(16);
+  std::memcpy(space.first, frame.data(), 16);
+  decoder.commit(16);
+  space = decoder.input_space(0);
+  REQUIRE(space.second >= frame.size() - 16);
+  std::memcpy(space.first, frame.data() + 16, frame.size() - 16);
+  decoder.commit(frame.size() - 16);
+  auto got = decoder.next();
+  REQUIRE(got.has_value());
+  REQUIRE(*got == message);
+  REQUIRE(decoder.buffered() == 0);
+}
+
+TEST_CASE("a bad header committed in place breaks the stream as a fed one does") {
+  const std::string good = aet::encode_frame(Json{"ok", Json::object(), 1});
+  const std::string bytes = good + header(5000) + "xx";
+  FrameDecoder decoder(100);
+  auto space = decoder.input_space(bytes.size());
+  std::memcpy(space.first, bytes.data(), bytes.size());
+  REQUIRE_NOTHROW(decoder.commit(bytes.size()));
+  REQUIRE(decoder.buffered() == good.size());
+  REQUIRE(decoder.next().has_value());
+  const std::string message = "frame of 5000 bytes exceeds the limit of 100";
+  REQUIRE(protocol_error([&] { decoder.next(); }) == message);
+  REQUIRE(protocol_error([&] { decoder.input_space(); }) == message);
+  REQUIRE(protocol_error([&] { decoder.commit(0); }) == message);
+
+  FrameDecoder at_once(100);
+  space = at_once.input_space(8);
+  std::memcpy(space.first, header(0).data(), 4);
+  REQUIRE(protocol_error([&] { at_once.commit(4); }) == "zero-length frame");
+}
+
+TEST_CASE("committing more than input_space gave is refused") {
+  FrameDecoder decoder;
+  const auto space = decoder.input_space(8);
+  REQUIRE_THROWS_AS(decoder.commit(space.second + 1), aet::Error);
+  REQUIRE(decoder.buffered() == 0);
 }
 
 TEST_CASE("messages fed together come out one by one") {
