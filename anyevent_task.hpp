@@ -749,6 +749,8 @@ class Json {
   std::int64_t as_int() const;  // a double with an integral value in range is accepted
   double as_double() const;     // an int converts
   const std::string& as_string() const;
+  // A string parse() read without escapes prints again without a scan; the
+  // mutable access drops that mark (read through a const Json& to keep it).
   std::string& as_string();
   const Array& as_array() const;
   Array& as_array();
@@ -1180,8 +1182,10 @@ class FrameDecoder {
   void feed(std::string_view bytes) { feed(bytes.data(), bytes.size()); }
   // For reading straight into the decoder (no copy through a buffer of the
   // caller's): room for at least `at_least` bytes, and for all of a large
-  // frame's body once its header is in; fill some of it, then commit(n),
-  // which takes the first n bytes as feed() would. Throws as feed() does.
+  // frame's body once its header is in (with at_least 0 and no body
+  // awaited, whatever room is left, maybe none); fill some of it, then
+  // commit(n), which takes the first n bytes as feed() would. Both throw
+  // as feed() does.
   std::pair<char*, std::size_t> input_space(std::size_t at_least = 64 * 1024);
   void commit(std::size_t n);
   // The next whole message, or nothing yet; ProtocolError on a bad one.
@@ -4084,8 +4088,10 @@ inline std::pair<char*, std::size_t> FrameDecoder::input_space(std::size_t at_le
   compact();
   const std::size_t have = buffer_.size() - pending_pos_;
   const std::size_t body_left = have >= 4 ? 4 + pending_length_ - have : 0;
-  const std::size_t room = std::max({at_least, body_left, std::size_t{1}});
-  buffer_.reserve(buffer_.size() + room);
+  // Never more than asked for: a buffer holding a whole frame is not moved
+  // for the sake of one byte more.
+  const std::size_t wanted = std::max(at_least, body_left);
+  if (wanted > 0) buffer_.reserve(buffer_.size() + wanted);
   return {buffer_.data() + buffer_.size(), buffer_.capacity() - buffer_.size()};
 }
 

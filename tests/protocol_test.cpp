@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "allocation_counter.hpp"
 #include "anyevent_task.hpp"
 
 using aet::FrameDecoder;
@@ -90,11 +91,17 @@ std::vector<Json> decode_in_place(const std::string& stream, NextSize next_size,
   std::size_t pos = 0;
   while (pos < stream.size()) {
     const auto space = decoder.input_space(at_least);
-    REQUIRE(space.second >= std::max<std::size_t>(at_least, 1));
-    const std::size_t n = std::min({next_size(), stream.size() - pos, space.second});
-    std::memcpy(space.first, stream.data() + pos, n);
-    decoder.commit(n);
-    pos += n;
+    REQUIRE(space.second >= at_least);
+    if (space.second == 0) {  // no room and none asked for: fed instead, as the client does
+      const std::size_t n = std::min(next_size(), stream.size() - pos);
+      decoder.feed(stream.data() + pos, n);
+      pos += n;
+    } else {
+      const std::size_t n = std::min({next_size(), stream.size() - pos, space.second});
+      std::memcpy(space.first, stream.data() + pos, n);
+      decoder.commit(n);
+      pos += n;
+    }
     while (auto m = decoder.next()) out.push_back(std::move(*m));
   }
   REQUIRE(decoder.buffered() == 0);
@@ -231,6 +238,17 @@ TEST_CASE("a bad header committed in place breaks the stream as a fed one does")
   space = at_once.input_space(8);
   std::memcpy(space.first, header(0).data(), 4);
   REQUIRE(protocol_error([&] { at_once.commit(4); }) == "zero-length frame");
+}
+
+TEST_CASE("input_space without a minimum never moves a buffered frame") {
+  const std::string frame = aet::encode_frame(Json{"ok", Json::object(), std::string(100000, 'x')});
+  FrameDecoder decoder;
+  decoder.feed(frame);
+  const long before = aet_test::allocations;
+  decoder.input_space(0);
+  REQUIRE(aet_test::allocations == before);
+  REQUIRE(decoder.buffered() == frame.size());
+  REQUIRE(decoder.next().has_value());
 }
 
 TEST_CASE("committing more than input_space gave is refused") {
