@@ -1129,6 +1129,20 @@ namespace detail {
 // fills is not first zeroed (std::string's resize() would).
 class ByteBuffer {
  public:
+  ByteBuffer() = default;
+  ByteBuffer(const ByteBuffer& other) { append(other.data(), other.size()); }
+  ByteBuffer(ByteBuffer&& other) noexcept
+      : bytes_(std::move(other.bytes_)),
+        size_(std::exchange(other.size_, 0)),
+        capacity_(std::exchange(other.capacity_, 0)) {}
+  ByteBuffer& operator=(ByteBuffer other) noexcept {  // copy or move, then swap
+    std::swap(bytes_, other.bytes_);
+    std::swap(size_, other.size_);
+    std::swap(capacity_, other.capacity_);
+    return *this;
+  }
+  ~ByteBuffer() = default;
+
   char* data() noexcept { return bytes_.get(); }
   const char* data() const noexcept { return bytes_.get(); }
   std::size_t size() const noexcept { return size_; }
@@ -1178,14 +1192,20 @@ class FrameDecoder {
  public:
   explicit FrameDecoder(std::size_t max_frame = default_max_frame,
                         std::size_t max_depth = AET_DEFAULT_MAX_DEPTH);
+  // Copies decode on their own; a moved-from decoder is left empty, with
+  // its limits, and decodes a new stream.
+  FrameDecoder(const FrameDecoder&) = default;
+  FrameDecoder& operator=(const FrameDecoder&) = default;
+  FrameDecoder(FrameDecoder&& other) noexcept;
+  FrameDecoder& operator=(FrameDecoder&& other) noexcept;
+  ~FrameDecoder() = default;
   void feed(const char* data, std::size_t size);
   void feed(std::string_view bytes) { feed(bytes.data(), bytes.size()); }
   // For reading straight into the decoder (no copy through a buffer of the
-  // caller's): room for at least `at_least` bytes, and for all of a large
-  // frame's body once its header is in (with at_least 0 and no body
-  // awaited, whatever room is left, maybe none); fill some of it, then
-  // commit(n), which takes the first n bytes as feed() would. Both throw
-  // as feed() does.
+  // caller's): room for all of the awaited body once a frame's header is
+  // in, else for at least `at_least` bytes (with 0, whatever room is left,
+  // maybe none); fill some of it, then commit(n), which takes the first n
+  // bytes as feed() would. Both throw as feed() does.
   std::pair<char*, std::size_t> input_space(std::size_t at_least = 64 * 1024);
   void commit(std::size_t n);
   // The next whole message, or nothing yet; ProtocolError on a bad one.
@@ -2651,7 +2671,10 @@ class JsonWriter {
     cursor_ = begin_ + used;
   }
 
-  void run(const Json& v) { out_.resize(static_cast<std::size_t>(write(cursor_, v, 0) - begin_)); }
+  void run(const Json& v) {
+    const char* end = write(cursor_, v, 0);  // first: writing may move begin_
+    out_.resize(static_cast<std::size_t>(end - begin_));
+  }
 
  private:
   // At least n writable bytes at o (which may move).
@@ -2823,15 +2846,19 @@ class JsonWriter {
   char* write_verbatim_string(char* o, const std::string& s) {
     const std::size_t n = s.size();
     if (n > 4096 && static_cast<std::size_t>(end_ - o) < n + 2) {
-      out_.resize(static_cast<std::size_t>(o - begin_));
+      const std::size_t used = static_cast<std::size_t>(o - begin_);
+      out_.resize(used);
+      // Grown geometrically, and once for the string, both quotes and the
+      // room added after it.
+      out_.reserve(std::max(out_.capacity() * 2, used + n + 2 + 256));
       out_ += '"';
       out_ += s;
       out_ += '"';
-      const std::size_t used = out_.size();
-      out_.resize(used + 256);
+      const std::size_t written = out_.size();
+      out_.resize(written + 256);
       begin_ = &out_[0];
       end_ = begin_ + out_.size();
-      return begin_ + used;
+      return begin_ + written;
     }
     o = room(o, n + 2);
     *o = '"';
@@ -4042,6 +4069,28 @@ inline void check_message(const Json& message) {
 inline FrameDecoder::FrameDecoder(std::size_t max_frame, std::size_t max_depth)
     : max_frame_(max_frame), max_depth_(max_depth) {}
 
+inline FrameDecoder::FrameDecoder(FrameDecoder&& other) noexcept
+    : max_frame_(other.max_frame_),
+      max_depth_(other.max_depth_),
+      buffer_(std::move(other.buffer_)),
+      read_pos_(std::exchange(other.read_pos_, 0)),
+      pending_pos_(std::exchange(other.pending_pos_, 0)),
+      pending_length_(std::exchange(other.pending_length_, 0)),
+      broken_(std::exchange(other.broken_, std::string())) {}
+
+inline FrameDecoder& FrameDecoder::operator=(FrameDecoder&& other) noexcept {
+  if (this != &other) {
+    max_frame_ = other.max_frame_;
+    max_depth_ = other.max_depth_;
+    buffer_ = std::move(other.buffer_);
+    read_pos_ = std::exchange(other.read_pos_, 0);
+    pending_pos_ = std::exchange(other.pending_pos_, 0);
+    pending_length_ = std::exchange(other.pending_length_, 0);
+    broken_ = std::exchange(other.broken_, std::string());
+  }
+  return *this;
+}
+
 inline void FrameDecoder::throw_broken() const { throw ProtocolError(broken_); }
 
 // Drops yielded bytes from the front once they are at least half the
@@ -4088,9 +4137,10 @@ inline std::pair<char*, std::size_t> FrameDecoder::input_space(std::size_t at_le
   compact();
   const std::size_t have = buffer_.size() - pending_pos_;
   const std::size_t body_left = have >= 4 ? 4 + pending_length_ - have : 0;
-  // Never more than asked for: a buffer holding a whole frame is not moved
-  // for the sake of one byte more.
-  const std::size_t wanted = std::max(at_least, body_left);
+  // While a body is awaited, room for exactly the rest of it (reserved when
+  // its header came): asking for more would move the whole frame for the
+  // sake of a few bytes, read after read.
+  const std::size_t wanted = body_left > 0 ? body_left : at_least;
   if (wanted > 0) buffer_.reserve(buffer_.size() + wanted);
   return {buffer_.data() + buffer_.size(), buffer_.capacity() - buffer_.size()};
 }

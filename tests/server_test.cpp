@@ -25,6 +25,7 @@ namespace {
 using aet::Json;
 using aet_test::eventually;
 using aet_test::monotonic_now;
+using aet_test::StderrCapture;
 using aet_test::TempDir;
 
 // ---- a raw connection speaking the wire protocol ----
@@ -260,60 +261,6 @@ aet::ServerOptions options_for(const std::string& address) {
 }
 
 Json args(std::initializer_list<Json> items) { return Json::array(items); }
-
-// Captures what the server and its workers write to stderr: descriptor 2
-// points at a pipe while the server is forked, and is restored after.
-class StderrCapture {
- public:
-  StderrCapture() {
-    int fds[2];
-    if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe");
-    read_end_ = fds[0];
-    write_end_ = fds[1];
-  }
-  ~StderrCapture() {
-    if (write_end_ >= 0) ::close(write_end_);
-    ::close(read_end_);
-  }
-  StderrCapture(const StderrCapture&) = delete;
-  StderrCapture& operator=(const StderrCapture&) = delete;
-
-  // Runs `start` (which forks) with stderr sent to the pipe.
-  template <class F>
-  auto redirect(F start) {
-    int saved = ::dup(2);
-    ::dup2(write_end_, 2);
-    struct Restore {
-      int saved;
-      ~Restore() {
-        ::dup2(saved, 2);
-        ::close(saved);
-      }
-    } restore{saved};
-    return start();
-  }
-
-  // True once the captured text contains `needle` (waits up to `limit` s).
-  bool wait_for(const std::string& needle, double limit = 5) {
-    const double deadline = monotonic_now() + limit;
-    while (text_.find(needle) == std::string::npos) {
-      double left = deadline - monotonic_now();
-      if (left <= 0) return false;
-      pollfd p{read_end_, POLLIN, 0};
-      if (::poll(&p, 1, static_cast<int>(left * 1000) + 1) <= 0) continue;
-      char buffer[4096];
-      ssize_t n = ::read(read_end_, buffer, sizeof buffer);
-      if (n <= 0) return text_.find(needle) != std::string::npos;
-      text_.append(buffer, static_cast<std::size_t>(n));
-    }
-    return true;
-  }
-  const std::string& text() const { return text_; }
-
- private:
-  int read_end_ = -1, write_end_ = -1;
-  std::string text_;
-};
 
 std::string read_comm(pid_t pid) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/comm");

@@ -1,8 +1,10 @@
 // Helpers shared by the test files: temporary directories, bounded waits,
-// descriptor and child counts. Test code only.
+// descriptor and child counts, a capture of stderr. Test code only.
 #pragma once
 
 #include <dirent.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -120,5 +122,84 @@ inline bool process_zombie(pid_t pid) {
   auto close = line.rfind(')');
   return close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'Z';
 }
+
+// Captures what a forked server and its workers write to stderr: fd 2
+// points at a pipe while `start` forks, and is restored after.
+class StderrCapture {
+ public:
+  StderrCapture() {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe");
+    read_end_ = fds[0];
+    write_end_ = fds[1];
+  }
+  ~StderrCapture() {
+    ::close(write_end_);
+    ::close(read_end_);
+  }
+  StderrCapture(const StderrCapture&) = delete;
+  StderrCapture& operator=(const StderrCapture&) = delete;
+
+  template <class F>
+  auto redirect(F start) {
+    int saved = ::dup(2);
+    ::dup2(write_end_, 2);
+    struct Restore {
+      int saved;
+      ~Restore() {
+        ::dup2(saved, 2);
+        ::close(saved);
+      }
+    } restore{saved};
+    return start();
+  }
+
+  // True once the text contains `needle`; waits up to `limit` seconds.
+  bool wait_for(const std::string& needle, double limit = 5) {
+    const double deadline = monotonic_now() + limit;
+    for (;;) {
+      if (text_.find(needle) != std::string::npos) return true;
+      const double left = deadline - monotonic_now();
+      if (left <= 0) return false;
+      if (!read_some(left)) return text_.find(needle) != std::string::npos;
+    }
+  }
+  // Everything written so far (reads what is waiting, without blocking).
+  const std::string& text() {
+    while (read_some(0)) {
+    }
+    return text_;
+  }
+  // The first whole line containing `needle`, without its newline; empty
+  // if there is none.
+  std::string line_with(const std::string& needle) {
+    const std::string& all = text();
+    const auto at = all.find(needle);
+    if (at == std::string::npos) return {};
+    const auto begin = all.rfind('\n', at);
+    const auto end = all.find('\n', at);
+    const std::size_t from = begin == std::string::npos ? 0 : begin + 1;
+    return all.substr(from, end == std::string::npos ? std::string::npos : end - from);
+  }
+  std::size_t count(const std::string& needle) {
+    const std::string& all = text();
+    std::size_t found = 0;
+    for (auto at = all.find(needle); at != std::string::npos; at = all.find(needle, at + 1)) ++found;
+    return found;
+  }
+
+ private:
+  bool read_some(double limit) {
+    pollfd p{read_end_, POLLIN, 0};
+    if (::poll(&p, 1, static_cast<int>(limit * 1000)) <= 0) return false;
+    char buffer[4096];
+    ssize_t n = ::read(read_end_, buffer, sizeof buffer);
+    if (n <= 0) return false;
+    text_.append(buffer, static_cast<std::size_t>(n));
+    return true;
+  }
+  int read_end_ = -1, write_end_ = -1;
+  std::string text_;
+};
 
 }  // namespace aet_test
