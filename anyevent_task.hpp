@@ -2848,9 +2848,10 @@ class JsonWriter {
     if (n > 4096 && static_cast<std::size_t>(end_ - o) < n + 2) {
       const std::size_t used = static_cast<std::size_t>(o - begin_);
       out_.resize(used);
-      // Grown geometrically, and once for the string, both quotes and the
-      // room added after it.
-      out_.reserve(std::max(out_.capacity() * 2, used + n + 2 + 256));
+      // Grown (geometrically) at most once for the string, both quotes and
+      // the room added after it.
+      const std::size_t needed = used + n + 2 + 256;
+      if (out_.capacity() < needed) out_.reserve(std::max(out_.capacity() * 2, needed));
       out_ += '"';
       out_ += s;
       out_ += '"';

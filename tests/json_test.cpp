@@ -17,6 +17,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "allocation_counter.hpp"
 #include "anyevent_task.hpp"
 
 using aet::Json;
@@ -424,6 +425,19 @@ TEST_CASE("long parsed strings are printed as read, wherever they fall in the ou
     REQUIRE(out == "prefix " + text);
     REQUIRE(Json::parse(v.dump(2)) == v);
   }
+}
+
+TEST_CASE("a long parsed string printed into a buffer with room for it allocates nothing") {
+  const Json v = Json::parse("[\"" + std::string(1 << 20, 'v') + "\"]");
+  std::string out;
+  out.reserve(3u << 20);
+  const long before = aet_test::allocations;
+  v.dump_to(out);
+  REQUIRE(aet_test::allocations == before);
+  REQUIRE(out.size() == (1u << 20) + 4);
+  v.dump_to(out);  // and again, after what is there
+  REQUIRE(aet_test::allocations == before);
+  REQUIRE(out == v.dump() + v.dump());
 }
 
 TEST_CASE("printing a string that is not UTF-8 is an error") {
