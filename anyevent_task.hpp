@@ -2666,9 +2666,7 @@ class JsonWriter {
     const std::size_t used = out.size();
     // Room for a small value; resize() clears what it adds, so never more.
     out_.resize(used + 256);
-    begin_ = &out_[0];
-    end_ = begin_ + out_.size();
-    cursor_ = begin_ + used;
+    cursor_ = rebase(used);
   }
 
   void run(const Json& v) {
@@ -2685,6 +2683,10 @@ class JsonWriter {
   char* grow(char* o, std::size_t n) {
     const std::size_t used = static_cast<std::size_t>(o - begin_);
     out_.resize(std::max(out_.size() * 2, used + n));
+    return rebase(used);
+  }
+  // The cursor at `used` bytes into out_, after out_ changed size.
+  char* rebase(std::size_t used) {
     begin_ = &out_[0];
     end_ = begin_ + out_.size();
     return begin_ + used;
@@ -2857,9 +2859,7 @@ class JsonWriter {
       out_ += '"';
       const std::size_t written = out_.size();
       out_.resize(written + 256);
-      begin_ = &out_[0];
-      end_ = begin_ + out_.size();
-      return begin_ + written;
+      return rebase(written);
     }
     o = room(o, n + 2);
     *o = '"';
@@ -5982,18 +5982,15 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       // Into the shared buffer, then copied into the decoder; but straight
       // into the decoder when it has that much room anyway (a large body
       // is awaited), so a large reply is not copied twice.
-      std::pair<char*, std::size_t> space{read_buffer.data(), read_buffer.size()};
-      bool direct = false;
+      std::pair<char*, std::size_t> space;
       try {
-        const std::pair<char*, std::size_t> room = worker->decoder.input_space(0);
-        if (room.second >= read_buffer.size()) {
-          space = room;
-          direct = true;
-        }
+        space = worker->decoder.input_space(0);
       } catch (const std::exception& e) {
         worker_failed(worker, std::string("protocol error: ") + e.what());
         return;
       }
+      const bool direct = space.second >= read_buffer.size();
+      if (!direct) space = {read_buffer.data(), read_buffer.size()};
       const ssize_t n = ::recv(worker->fd, space.first, space.second, 0);
       if (n > 0) {
         try {
