@@ -582,8 +582,14 @@ TEST_CASE("no process ever signals a pid it has reaped") {
     RawWire busy(s.address()), idle(s.address()), stuck(s.address());
     const auto busy_pid = static_cast<pid_t>(busy.result(args({"pid"})).as_int());
     idle.result(args({"pid"}));
+    stuck.result(args({"pid"}));
     busy.send(args({"do", Json::object(), "sleep", 0.1}));
-    stuck.send(args({"do", Json::object(), "big"}));  // never read: blocked in send past the timeout
+    // The 16 MB reply is never read: once its first bytes are here, the
+    // worker is blocked in send, and stays so past the timeout. (A stop
+    // that reached it before the request would end it as idle instead.)
+    stuck.send(args({"do", Json::object(), "big"}));
+    pollfd reply_started{stuck.fd(), POLLIN, 0};
+    REQUIRE(::poll(&reply_started, 1, 10000) == 1);
     REQUIRE(eventually([&] { return file_exists(started_marker(s.dir, busy_pid)); }, 5));
     REQUIRE(::kill(s.pid(), SIGTERM) == 0);
     CHECK(s.log.wait_for("still busy, killing it", 5));

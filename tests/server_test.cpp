@@ -948,9 +948,11 @@ TEST_CASE("a stopping server kills a worker still busy after hung_worker_timeout
   auto server = stderr_capture.redirect([&] { return aet::fork_task_server(options); });
   // The reply is far larger than the socket buffers and this client never
   // reads it: the worker stays blocked in send(), past its request timer.
+  // Its first bytes arriving show the worker is sending, not idle.
   Wire stuck(server.address());
   stuck.send(Json::array({"do", Json::object(), "big"}));
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  pollfd reply_started{stuck.fd(), POLLIN, 0};
+  REQUIRE(::poll(&reply_started, 1, 10000) == 1);
   const double start = monotonic_now();
   REQUIRE(::kill(server.pid(), SIGTERM) == 0);
   CHECK(eventually([&] { return !aet_test::process_alive(server.pid()); }, 5));
@@ -966,8 +968,9 @@ TEST_CASE("SIGTERM to a worker: idle it exits, busy it replies first") {
   Wire busy(server.address());
   auto idle_pid = static_cast<pid_t>(idle.result(args({"pid"})).as_int());
   auto busy_pid = static_cast<pid_t>(busy.result(args({"pid"})).as_int());
-  busy.send(Json::array({"do", Json::object(), "sleep", 0.3}));
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  const std::string marker = dir.file("busy-started");
+  busy.send(Json::array({"do", Json::object(), "mark_and_sleep", marker, 0.3}));
+  REQUIRE(eventually([&] { return path_exists(marker); }, 5));  // the request runs
   ::kill(idle_pid, SIGTERM);
   ::kill(busy_pid, SIGTERM);
   CHECK(idle.closes_within(2));
