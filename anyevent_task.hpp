@@ -51,6 +51,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -2655,14 +2656,47 @@ class JsonParser {
 #define AET_NOINLINE
 #endif
 
+// A long string the writer left out of its output, which is to be sent
+// from where it lies (see detail::OutgoingBytes): its text goes at byte
+// `at` of the output, between the quotes written there.
+struct LeftOutString {
+  std::size_t at;
+  const char* data;
+  std::size_t size;
+};
+// Strings this long are left out when the caller asks; shorter ones cost
+// less to copy than to send as a piece of their own.
+constexpr std::size_t left_out_min = std::size_t{64} << 10;
+// At most this many per output (one iovec each, two with what follows).
+constexpr std::size_t left_out_max = 16;
+
+// True when [p, end) prints as it is: valid UTF-8, nothing to escape.
+inline bool json_text_prints_verbatim(const char* p, const char* end) noexcept {
+  for (;;) {
+    p = json_skip_plain(p, end);
+    if (p == end) return true;
+    if (static_cast<unsigned char>(*p) < 0x80) return false;
+    std::size_t n = utf8_common_length(p, end);
+    if (n == 0) {
+      const char* why = nullptr;
+      n = utf8_sequence_length(p, end, &why);
+      if (n == 0) return false;
+    }
+    p += n;
+  }
+}
+
 // Prints into one std::string. The cursor travels in a register from call
 // to call (it is passed and returned); the string is grown geometrically
 // when a write needs more room than is left, and trimmed at the end.
-// Compact and pretty output are two instantiations.
+// Compact and pretty output are two instantiations. Given `left_out`, it
+// leaves long strings that need no escape out of the output and lists
+// them there instead.
 template <bool Pretty>
 class JsonWriter {
  public:
-  JsonWriter(std::string& out, int indent) : out_(out), indent_(indent) {
+  JsonWriter(std::string& out, int indent, std::vector<LeftOutString>* left_out = nullptr)
+      : out_(out), indent_(indent), left_out_(left_out) {
     const std::size_t used = out.size();
     // Room for a small value; resize() clears what it adds, so never more.
     out_.resize(used + 256);
@@ -2847,6 +2881,7 @@ class JsonWriter {
   // it, which resize() would first fill with zeros.
   char* write_verbatim_string(char* o, const std::string& s) {
     const std::size_t n = s.size();
+    if (leaves_out(n)) return leave_out(o, s);
     if (n > 4096 && static_cast<std::size_t>(end_ - o) < n + 2) {
       const std::size_t used = static_cast<std::size_t>(o - begin_);
       out_.resize(used);
@@ -2868,11 +2903,27 @@ class JsonWriter {
     return o + n + 2;
   }
 
+  bool leaves_out(std::size_t n) const noexcept {
+    return left_out_ && n >= left_out_min && left_out_->size() < left_out_max;
+  }
+  // The quotes, and a note of the text that goes between them.
+  char* leave_out(char* o, const std::string& s) {
+    o = room(o, 2);
+    *o++ = '"';
+    left_out_->push_back(LeftOutString{static_cast<std::size_t>(o - begin_), s.data(), s.size()});
+    *o++ = '"';
+    return o;
+  }
+
   // Strings without anything to escape, and up to 64 bytes (keys, most
   // values), take this short path; the rest the general one.
   char* write_string(char* o, const std::string& s) {
     const std::size_t n = s.size();
-    if (n > 64) return write_any_string(o, s);
+    if (n > 64) {
+      // A second read of the text, rather than a copy of it.
+      if (leaves_out(n) && json_text_prints_verbatim(s.data(), s.data() + n)) return leave_out(o, s);
+      return write_any_string(o, s);
+    }
     o = room(o, 64 + 2 + 8);
     const char* p = s.data();
     const char* const end = p + n;
@@ -2962,6 +3013,7 @@ class JsonWriter {
 
   std::string& out_;
   int indent_;
+  std::vector<LeftOutString>* left_out_;
   char* begin_;
   char* end_;
   char* cursor_;
@@ -4005,9 +4057,10 @@ inline bool is_command(const std::string& command, const char (&name)[3]) noexce
 }
 
 // Writes the length of the frame that starts at `start` of `out` (4 bytes
-// reserved there) into its header.
-inline void seal_frame(std::string& out, std::size_t start) {
-  const std::size_t length = out.size() - start - 4;
+// reserved there) into its header; `left_out`: bytes of the frame that are
+// not in `out` (see OutgoingBytes).
+inline void seal_frame(std::string& out, std::size_t start, std::size_t left_out = 0) {
+  const std::size_t length = out.size() - start - 4 + left_out;
   if (length > 0xFFFFFFFFu) {
     out.resize(start);
     throw ProtocolError("message of " + std::to_string(length) + " bytes is too large for a frame");
@@ -4017,6 +4070,141 @@ inline void seal_frame(std::string& out, std::size_t start) {
   out[start + 2] = static_cast<char>(length >> 8);
   out[start + 3] = static_cast<char>(length);
 }
+
+// Frames on their way out of a connection. Long strings of the messages
+// (left_out_min bytes and more, needing no escape) are not copied in: they
+// are sent from the values that hold them, with sendmsg() taking the text
+// between the bytes around it, and those values are kept here until all is
+// sent. A 1 MiB argument or result thus costs no copy on the sending side.
+class OutgoingBytes {
+ public:
+  OutgoingBytes() = default;
+  OutgoingBytes(OutgoingBytes&& other) noexcept { swap(other); }
+  OutgoingBytes& operator=(OutgoingBytes&& other) noexcept {
+    clear();
+    swap(other);
+    return *this;
+  }
+  OutgoingBytes(const OutgoingBytes&) = delete;  // what was left out points into kept values
+  OutgoingBytes& operator=(const OutgoingBytes&) = delete;
+
+  // The unsent bytes, with the texts left out, for writing frames into;
+  // what is appended here goes after everything before it.
+  std::string& bytes() noexcept { return bytes_; }
+  // `value` as JSON at the end, long strings left out: `value` must stay
+  // as it is until they are sent (keep() it, or own it for that long).
+  void append_json(const Json& value) {
+    const std::size_t original = bytes_.size(), listed = left_out_.size();
+    try {
+      JsonWriter<false>(bytes_, 0, &left_out_).run(value);
+    } catch (...) {
+      bytes_.resize(original);
+      left_out_.resize(listed);
+      throw;
+    }
+    for (std::size_t i = listed; i < left_out_.size(); ++i) left_out_size_ += left_out_[i].size;
+  }
+  // The bytes left out since the output was `listed` strings long.
+  std::size_t left_out_since(std::size_t listed) const noexcept {
+    std::size_t n = 0;
+    for (std::size_t i = listed; i < left_out_.size(); ++i) n += left_out_[i].size;
+    return n;
+  }
+  std::size_t left_out_count() const noexcept { return left_out_.size(); }
+  // Keeps `value` until all is sent, if anything was left out (which
+  // points into it). A value moved in keeps its strings where they are.
+  void keep(Json value) {
+    if (!left_out_.empty()) owners_.push_back(std::move(value));
+  }
+  // Everything after what is here already.
+  void append(OutgoingBytes&& more) {
+    if (size() == 0 && sent_ == 0) {
+      swap(more);
+      return;
+    }
+    const std::size_t shift = bytes_.size();
+    bytes_ += more.bytes_;
+    for (LeftOutString piece : more.left_out_) {
+      piece.at += shift;
+      left_out_.push_back(piece);
+    }
+    left_out_size_ += more.left_out_size_;
+    for (Json& owner : more.owners_) owners_.push_back(std::move(owner));
+    more.clear();
+  }
+  void swap(OutgoingBytes& other) noexcept {
+    bytes_.swap(other.bytes_);
+    left_out_.swap(other.left_out_);
+    owners_.swap(other.owners_);
+    std::swap(left_out_size_, other.left_out_size_);
+    std::swap(sent_, other.sent_);
+  }
+
+  std::size_t size() const noexcept { return bytes_.size() + left_out_size_; }
+  bool all_sent() const noexcept { return sent_ == size(); }
+  // All of it, sent or not, in one string.
+  std::string contiguous() const {
+    std::string all;
+    all.reserve(size());
+    std::size_t from = 0;
+    for (const LeftOutString& piece : left_out_) {
+      all.append(bytes_, from, piece.at - from).append(piece.data, piece.size);
+      from = piece.at;
+    }
+    return all.append(bytes_, from, std::string::npos);
+  }
+
+  // Sends from where the last call stopped, as much as the socket takes:
+  // what send() returns, the count or -1 with errno set.
+  ssize_t send_some(int fd, int flags) {
+    if (left_out_.empty()) {  // the usual case: one piece
+      const ssize_t n = ::send(fd, bytes_.data() + sent_, bytes_.size() - sent_, flags);
+      if (n > 0) sent_ += static_cast<std::size_t>(n);
+      return n;
+    }
+    constexpr std::size_t max_pieces = 2 * left_out_max + 1;
+    iovec pieces[max_pieces];
+    std::size_t count = 0, skip = sent_, from = 0;
+    auto add = [&](const char* data, std::size_t n) {
+      if (skip >= n) {
+        skip -= n;
+      } else if (count < max_pieces) {
+        pieces[count++] = iovec{const_cast<char*>(data + skip), n - skip};
+        skip = 0;
+      }
+    };
+    for (const LeftOutString& piece : left_out_) {
+      add(bytes_.data() + from, piece.at - from);
+      add(piece.data, piece.size);
+      from = piece.at;
+    }
+    add(bytes_.data() + from, bytes_.size() - from);
+    msghdr message{};
+    message.msg_iov = pieces;
+    message.msg_iovlen = count;
+    const ssize_t n = ::sendmsg(fd, &message, flags);
+    if (n > 0) sent_ += static_cast<std::size_t>(n);
+    return n;
+  }
+
+  // Empty again, keeping its buffer for the next frames (up to
+  // kept_buffer_limit).
+  void clear() noexcept {
+    bytes_.clear();
+    if (bytes_.capacity() > kept_buffer_limit) std::string().swap(bytes_);
+    left_out_.clear();
+    owners_.clear();
+    left_out_size_ = sent_ = 0;
+  }
+  std::size_t capacity() const noexcept { return bytes_.capacity(); }
+
+ private:
+  std::string bytes_;
+  std::vector<LeftOutString> left_out_;  // in order of `at`
+  std::vector<Json> owners_;
+  std::size_t left_out_size_ = 0;
+  std::size_t sent_ = 0;
+};
 
 inline void check_length(const char* command, std::size_t got, std::size_t expected) {
   if (got != expected)
@@ -4730,12 +4918,13 @@ class WorkerRequests {
   // reply frame for a "do", an empty string for a "dn" (nothing to send).
   // ProtocolError for what a client must not send.
   std::string handle(Json& message) {
-    std::string reply;
+    OutgoingBytes reply;
     handle(message, reply);
-    return reply;
+    return reply.contiguous();
   }
-  // The same, written to `reply` (replaced), whose buffer the worker keeps.
-  void handle(Json& message, std::string& reply) {
+  // The same, written to `reply` (replaced), whose buffer the worker keeps;
+  // a long string of the result is left where it is (see OutgoingBytes).
+  void handle(Json& message, OutgoingBytes& reply) {
     reply.clear();
     const std::string& command = message[0].as_string();
     if (is_command(command, "do")) return request(message, reply);
@@ -4756,7 +4945,7 @@ class WorkerRequests {
     }
   }
 
-  void request(Json& message, std::string& out) {
+  void request(Json& message, OutgoingBytes& out) {
     Json::Array& parts = message.as_array();
     parts.erase(parts.begin(), parts.begin() + 2);  // the arguments are left, in place
     Json args(std::move(message));
@@ -4815,14 +5004,15 @@ class WorkerRequests {
     return std::get<CatchAll>(options_.interface)(std::move(args));
   }
 
-  // The frame of ["ok", meta, result] or ["er", meta, error], into `frame`.
+  // The frame of ["ok", meta, result] or ["er", meta, error], into `out`.
   // Each part JSON cannot carry is mended on its own: a log becomes one
   // warning saying it could not be sent, a result becomes the error "result
   // cannot be sent as JSON: ...", an error text loses its non-ASCII bytes.
-  void reply(bool ok, Json log, Json result, std::string error, std::string& frame) {
+  void reply(bool ok, Json log, Json result, std::string error, OutgoingBytes& out) {
     // The usual case, written straight into the frame; anything JSON cannot
     // carry takes the general path below, which finds out what.
     try {
+      std::string& frame = out.bytes();
       frame.assign(4, '\0');
       frame += ok ? "[\"ok\",{" : "[\"er\",{";
       if (!log.is_null()) {
@@ -4831,15 +5021,18 @@ class WorkerRequests {
       }
       frame += "},";
       if (ok) {
-        result.dump_to(frame);
+        out.append_json(result);
       } else {
         append_json_string(frame, error);
       }
       frame += ']';
-      seal_frame(frame, 0);
+      seal_frame(frame, 0, out.left_out_since(0));
+      out.keep(std::move(result));
       return;
     } catch (const std::exception&) {
     }
+    out.clear();
+    std::string& frame = out.bytes();
     Json meta = Json::object();
     if (!log.is_null()) meta["ld"] = std::move(log);
     Json message = Json::array();
@@ -4923,8 +5116,8 @@ class Worker {
         } catch (const ProtocolError& e) {
           protocol_error(e.what());
         }
-        if (!reply_.empty()) send_all(reply_);
-        if (reply_.capacity() > kept_buffer_limit) std::string().swap(reply_);
+        if (reply_.size() != 0) send_all(reply_);
+        reply_.clear();
         if (worker_stop_requested) exit_for_stop();
       }
       // The stop signals are let in while waiting even if a handler blocked
@@ -4983,12 +5176,10 @@ class Worker {
 
   // Without waiting while the socket takes it all (the usual case); before
   // waiting for a slow reader, the hung timer's backstop goes off.
-  void send_all(const std::string& bytes) {
-    const char* data = bytes.data();
-    std::size_t left = bytes.size();
+  void send_all(OutgoingBytes& bytes) {
     int flags = MSG_NOSIGNAL | MSG_DONTWAIT;
-    while (left > 0) {
-      ssize_t n = ::send(conn_, data, left, flags);
+    while (!bytes.all_sent()) {
+      const ssize_t n = bytes.send_some(conn_, flags);
       if (n < 0) {
         int error = errno;
         if (error == EINTR) continue;
@@ -5000,8 +5191,6 @@ class Worker {
         if (error == EPIPE || error == ECONNRESET) ::_exit(0);  // the client left
         fail("write: " + errno_text(error));
       }
-      data += n;
-      left -= static_cast<std::size_t>(n);
     }
   }
 
@@ -5011,7 +5200,7 @@ class Worker {
   std::string prefix_;
   std::optional<HungTimer> timer_;
   std::optional<WorkerRequests> requests_;  // after timer_, which it points to
-  std::string reply_;  // kept from reply to reply (up to kept_buffer_limit)
+  OutgoingBytes reply_;  // its buffer kept from reply to reply (up to kept_buffer_limit)
 };
 
 // The freshly forked child of the master: becomes a worker for `conn`.
@@ -5030,7 +5219,7 @@ inline void warm_up_worker_paths() noexcept {
     FrameDecoder decoder;
     decoder.feed(encode_frame(Json{"do", Json::object(), "warm-up", "x"}) +
                  encode_frame(Json{"do", Json::object(), "no such method"}));
-    std::string reply;
+    OutgoingBytes reply;
     while (std::optional<Json> message = decoder.next()) requests.handle(*message, reply);
   } catch (...) {
   }
@@ -5545,16 +5734,19 @@ inline std::vector<ClientAddress> resolve_client_addresses(const std::string& co
 // carry fails in call(), not later in the loop).
 struct ClientCall {
   std::optional<std::string> method;  // nullopt: a plain call
-  std::string frame;
+  OutgoingBytes frame;
   Checkout::Callback callback;
   FrameContext context;
   double deadline = -1;  // monotonic seconds: when queued plus the timeout; < 0: none
 };
 
-// ["do",{},method,args...] written straight into a frame in `scratch`
-// (which keeps its capacity from call to call), without building the
-// message as a Json.
-inline void encode_call(const std::optional<std::string>& method, const Json& args, std::string& scratch) {
+// ["do",{},method,args...] written straight into a frame in `out` (which
+// keeps its capacity from call to call), without building the message as
+// a Json. Long strings of `args` are left out (see OutgoingBytes): the
+// caller keeps `args` there until the frame is sent.
+inline void encode_call(const std::optional<std::string>& method, const Json& args, OutgoingBytes& out) {
+  out.clear();
+  std::string& scratch = out.bytes();
   scratch.assign(4, '\0');
   scratch += "[\"do\",{}";
   if (method) {
@@ -5564,21 +5756,27 @@ inline void encode_call(const std::optional<std::string>& method, const Json& ar
   if (args.is_array()) {
     for (const Json& arg : args.as_array()) {
       scratch += ',';
-      arg.dump_to(scratch);
+      out.append_json(arg);
     }
   } else if (!args.is_null()) {
     scratch += ',';
-    args.dump_to(scratch);
+    out.append_json(args);
   }
   scratch += ']';
-  seal_frame(scratch, 0);
+  seal_frame(scratch, 0, out.left_out_since(0));
 }
 
-// The frame in `scratch` as a string of its own for a queued call: a small
-// one copied to its size, a large one with the scratch's buffer.
-inline std::string take_frame(std::string& scratch) {
-  if (scratch.size() <= 4096) return std::string(scratch);
-  return std::exchange(scratch, std::string());
+// The frame in `scratch` for a queued call: a small one copied to its
+// size, a large one (or one that left strings out) with the scratch's
+// buffer.
+inline OutgoingBytes take_frame(OutgoingBytes& scratch) {
+  OutgoingBytes frame;
+  if (scratch.left_out_count() == 0 && scratch.size() <= 4096) {
+    frame.bytes() = scratch.bytes();
+  } else {
+    frame.swap(scratch);
+  }
+  return frame;
 }
 
 // A list, not a deque: an empty one allocates nothing, and a pending
@@ -5626,8 +5824,7 @@ struct ClientWorker {
   bool replying = false;  // its replies are being delivered: it was read from just now
   IoWatcher watcher;
   Timer failure;  // reports a failed write from the loop
-  std::string out;
-  std::size_t out_sent = 0;
+  OutgoingBytes out;
   FrameDecoder decoder;
   CheckoutCore* checkout = nullptr;  // the checkout holding it, if any
   bool held = false;  // ever handed to a checkout; dying before counts as a failed connect
@@ -5706,7 +5903,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   std::vector<ClientAddress> addresses;  // tried in turn by each connect
   std::string done_frame;
   std::vector<char> read_buffer;  // shared by every worker: reads never overlap
-  std::string call_scratch;       // where call frames are encoded
+  OutgoingBytes call_scratch;     // where call frames are encoded
   std::minstd_rand random;        // draws each worker's checkout limit
   bool closed = false;
   std::list<std::shared_ptr<ClientWorker>> workers;  // connected or connecting
@@ -5930,13 +6127,9 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   // Sends what is buffered; false when the connection is broken.
   bool flush(ClientWorker& worker) {
     if (worker.broken) return false;
-    while (worker.out_sent < worker.out.size()) {
-      const ssize_t n = ::send(worker.fd, worker.out.data() + worker.out_sent,
-                               worker.out.size() - worker.out_sent, MSG_NOSIGNAL);
-      if (n > 0) {
-        worker.out_sent += static_cast<std::size_t>(n);
-        continue;
-      }
+    while (!worker.out.all_sent()) {
+      const ssize_t n = worker.out.send_some(worker.fd, MSG_NOSIGNAL);
+      if (n > 0) continue;
       if (n < 0 && errno == EINTR) continue;
       if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
         if (!(worker.watcher.events() & io_write)) worker.watcher.set_events(io_read | io_write);
@@ -5946,20 +6139,14 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       return false;
     }
     worker.out.clear();  // keeps its capacity for the next call
-    if (worker.out.capacity() > kept_buffer_limit) std::string().swap(worker.out);
-    worker.out_sent = 0;
     if (worker.watcher.events() & io_write) worker.watcher.set_events(io_read);
     return true;
   }
 
   // Queues `frame` on the worker. A failed write is reported from the loop
   // (this runs inside call() and release too).
-  void send(ClientWorker& worker, std::string& frame) {
-    if (worker.out.empty()) {
-      worker.out.swap(frame);
-    } else {
-      worker.out += frame;
-    }
+  void send(ClientWorker& worker, OutgoingBytes& frame) {
+    worker.out.append(std::move(frame));  // into an empty one: swapped, no copy
     push(worker);
   }
 
@@ -6093,7 +6280,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   // -- checkouts --
 
   // Sends the first queued call: its frame, or `frame` if given.
-  void send_next(CheckoutCore& core, std::string* frame = nullptr) {
+  void send_next(CheckoutCore& core, OutgoingBytes* frame = nullptr) {
     ClientCall& call = core.calls.front();
     core.in_flight = true;
     if (core.log_defer) core.call_timer.emplace(core.log_defer->timer(call.method ? *call.method : "->()"));
@@ -6170,7 +6357,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   // `frame` is call_scratch. A call that goes out at once is sent from it
   // (its buffer and the worker's swap, so neither is allocated again); one
   // that waits takes a copy.
-  void queue_call(const std::shared_ptr<CheckoutCore>& core, ClientCall call, std::string& frame) {
+  void queue_call(const std::shared_ptr<CheckoutCore>& core, ClientCall call, OutgoingBytes& frame) {
     if (core->failed) {
       doom_later(core, std::move(call));
       return;
@@ -6337,13 +6524,13 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       if (clean && !retiring) {
         // Its "dn" waits for pump(): if a waiting checkout gets this worker
         // now, one write carries both "dn" and that checkout's first call.
-        worker->out += done_frame;
+        worker->out.bytes() += done_frame;
         idle.push_back(worker);
         kept = *worker->position;
       } else {
         if (retiring) {
-          std::string frame = done_frame;
-          send(*worker, frame);
+          worker->out.bytes() += done_frame;
+          push(*worker);
         }
         drop_worker(*worker);
       }
@@ -6351,7 +6538,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     std::shared_ptr<CheckoutCore> released = std::move(*core->position);
     checkouts.erase(core->position);
     pump();
-    if (kept && !kept->dropped && kept->out_sent < kept->out.size()) push(*kept);  // "dn" alone
+    if (kept && !kept->dropped && !kept->out.all_sent()) push(*kept);  // "dn" alone
   }
 
   std::shared_ptr<CheckoutCore> new_checkout(CheckoutOptions checkout_options) {
@@ -6462,15 +6649,19 @@ inline void Checkout::enqueue(std::optional<std::string> method, Json args, Call
                               FrameContext context) {
   std::shared_ptr<detail::CheckoutCore> core = detail::live_core(state_);
   std::shared_ptr<detail::ClientState> client = core->client->shared_from_this();
-  std::string& frame = client->call_scratch;
+  detail::OutgoingBytes& frame = client->call_scratch;
   detail::encode_call(method, args, frame);
   // The worker would refuse it and exit: say so here, where it can be fixed.
-  if (frame.size() - 4 > client->options.max_frame)
-    throw ProtocolError("request of " + std::to_string(frame.size() - 4) + " bytes exceeds the limit of " +
+  if (frame.size() - 4 > client->options.max_frame) {
+    const std::size_t size = frame.size() - 4;
+    frame.clear();
+    throw ProtocolError("request of " + std::to_string(size) + " bytes exceeds the limit of " +
                         std::to_string(client->options.max_frame));
+  }
+  frame.keep(std::move(args));  // until sent: strings left out of the frame are in it
   client->queue_call(core, detail::ClientCall{std::move(method), {}, std::move(callback), std::move(context)},
                      frame);
-  if (frame.capacity() > detail::kept_buffer_limit) std::string().swap(frame);
+  frame.clear();
 }
 
 inline void Checkout::throw_fatal_error(const std::string& message) {

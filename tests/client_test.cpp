@@ -1177,6 +1177,59 @@ TEST_CASE("a large call and reply go through partial writes") {
   REQUIRE(call_and_wait(loop, client, "echo", {big}) == Json{big});
 }
 
+TEST_CASE("long string arguments of a queued call are sent from the call's own copy") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  co.max_workers = 1;
+  aet::Client client(loop, co);
+  std::string escaped(300000, 'e');
+  escaped[150000] = '\n';
+  std::string utf8;
+  while (utf8.size() < 200000) utf8 += "\xc3\xa9t\xc3\xa9 ";
+  const Json expected{std::string(100000, 'p'), escaped, Json::object({{"deep", Json::array({utf8})}})};
+  std::optional<Json> echoed;
+  bool slept = false;
+  Caught caught;
+  aet::frame_try(
+      [&] {
+        client.checkout().call("sleep", {0.1}, [&](aet::Checkout&, Json) { slept = true; });
+        Json args = expected;  // gone before the call is sent: the worker is busy
+        client.checkout().call("echo", std::move(args), [&](aet::Checkout&, Json r) { echoed = r; });
+      },
+      catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return echoed.has_value() || caught.count > 0; }));
+  INFO(caught.what);
+  REQUIRE(caught.count == 0);
+  REQUIRE(slept);
+  REQUIRE(*echoed == expected);
+}
+
+TEST_CASE("a call that times out half sent takes its worker, and the client goes on") {
+  Rig rig;
+  aet::ServerOptions so = rig.server_options();
+  // The worker reads nothing while checkout_done runs, so the next
+  // checkout's 16 MiB request stops part way, far past its timeout.
+  so.checkout_done = [] { std::this_thread::sleep_for(std::chrono::seconds(2)); };
+  aet::TaskServer server = aet::fork_task_server(so);
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  co.max_workers = 1;
+  aet::Client client(loop, co);
+  const Json first_pid = call_and_wait(loop, client, "pid");  // released: "dn" goes out
+  aet::CheckoutOptions short_timeout;
+  short_timeout.timeout = 0.3;
+  Caught caught;
+  aet::frame_try(
+      [&] { client.checkout(short_timeout).call("echo", {std::string(16 << 20, 'h')}, [](aet::Checkout&, Json) {}); },
+      catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return caught.count > 0; }, 5));
+  REQUIRE(caught.kind == "timeout");
+  const Json next_pid = call_and_wait(loop, client, "pid");
+  REQUIRE(next_pid != first_pid);  // a fresh worker: the half-sent one was dropped
+}
+
 TEST_CASE("a reply above max_frame is a protocol error on that checkout") {
   Rig rig;
   aet::TaskServer server = rig.start();

@@ -9,6 +9,11 @@
 #include <string>
 #include <vector>
 
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include "allocation_counter.hpp"
 #include "anyevent_task.hpp"
 
@@ -109,6 +114,53 @@ std::vector<Json> decode_in_place(const std::string& stream, NextSize next_size,
   return out;
 }
 
+using aet::detail::OutgoingBytes;
+
+// `message` as a frame into `out`, long strings left out, as the worker
+// and the client write theirs.
+void append_left_out_frame(OutgoingBytes& out, const Json& message) {
+  const std::size_t start = out.bytes().size(), listed = out.left_out_count();
+  out.bytes().append(4, '\0');
+  out.append_json(message);
+  aet::detail::seal_frame(out.bytes(), start, out.left_out_since(listed));
+}
+
+// Sends all of `out` through a non-blocking socketpair while the other
+// end reads pieces of random sizes (so that sends stop anywhere, inside
+// and between pieces); returns what arrived. `more`, if given, is appended
+// to `out` once part of it has gone.
+std::string send_through_socket(OutgoingBytes& out, OutgoingBytes* more = nullptr) {
+  int sv[2];
+  REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
+  const int small = 4096;
+  ::setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+  REQUIRE(::fcntl(sv[0], F_SETFL, O_NONBLOCK) == 0);
+  std::mt19937 random(7);
+  std::string received;
+  int stalls = 0;
+  while (!out.all_sent()) {
+    const ssize_t n = out.send_some(sv[0], MSG_NOSIGNAL);
+    if (n < 0) {
+      REQUIRE(errno == EAGAIN);
+      ++stalls;
+      char piece[70000];
+      const std::size_t want = 1 + random() % sizeof piece;
+      const ssize_t got = ::recv(sv[1], piece, want, MSG_DONTWAIT);
+      REQUIRE(got > 0);
+      received.append(piece, static_cast<std::size_t>(got));
+    }
+    if (more && stalls == 3) {
+      out.append(std::move(*more));
+      more = nullptr;
+    }
+  }
+  ::close(sv[0]);
+  char piece[65536];
+  for (ssize_t got; (got = ::recv(sv[1], piece, sizeof piece, 0)) > 0;) received.append(piece, static_cast<std::size_t>(got));
+  ::close(sv[1]);
+  return received;
+}
+
 }  // namespace
 
 TEST_CASE("a frame is a big-endian length and compact JSON") {
@@ -134,6 +186,89 @@ TEST_CASE("append_frame appends, and leaves the buffer alone when the message ca
   REQUIRE(out == before);
   REQUIRE_THROWS_AS(aet::append_frame(out, Json{"ok", Json::object(), "\xff"}), aet::JsonError);
   REQUIRE(out == before);
+}
+
+TEST_CASE("long strings left out of a frame are sent from their value, the same bytes as encode_frame") {
+  const std::string plain(70000, 'p');
+  std::string utf8;
+  while (utf8.size() < 80000) utf8 += "caf\xc3\xa9 \xf0\x9f\x98\x80 ";
+  std::string escaped = plain;
+  escaped[40000] = '"';
+  const Json parsed = Json::parse(Json(plain + "q").dump());  // marked as printing verbatim
+  Json many = Json::array();
+  for (int i = 0; i < 20; ++i) many.push_back(std::string(65536 + i, static_cast<char>('a' + i)));
+  struct Case {
+    Json message;
+    std::size_t left_out;
+  };
+  const std::vector<Case> cases{
+      {Json{"do", Json::object(), "echo", plain}, 1},
+      {Json{"ok", Json::object(), utf8}, 1},
+      {Json{"ok", Json::object(), escaped}, 0},  // to be escaped: copied
+      {Json{"ok", Json::object(), std::string(65535, 's')}, 0},  // below left_out_min
+      {Json{"ok", Json::object(), parsed}, 1},
+      {Json{"ok", Json::object({{"ld", plain}}), Json::object({{"k", plain}, {"e", escaped}, {"u", utf8}})}, 3},
+      {Json{"ok", Json::object(), many}, aet::detail::left_out_max},  // the rest copied
+  };
+  for (const Case& c : cases) {
+    OutgoingBytes out;
+    append_left_out_frame(out, c.message);
+    CHECK(out.left_out_count() == c.left_out);
+    const std::string expected = aet::encode_frame(c.message);
+    REQUIRE(out.size() == expected.size());
+    REQUIRE(out.contiguous() == expected);
+    REQUIRE(send_through_socket(out) == expected);
+    REQUIRE(out.all_sent());
+    out.clear();
+    REQUIRE(out.size() == 0);
+    REQUIRE(out.left_out_count() == 0);
+  }
+}
+
+TEST_CASE("frames appended to outgoing bytes in the middle of a send follow what was there") {
+  const Json first{"do", Json::object(), "echo", std::string(100000, 'f'), "small", std::string(90000, 'g')};
+  const Json second{"do", Json::object(), "echo", std::string(120000, 'h')};
+  OutgoingBytes out, more;
+  append_left_out_frame(out, first);
+  append_left_out_frame(more, second);
+  REQUIRE(more.left_out_count() == 1);
+  std::string dn = aet::encode_frame(Json{"dn", Json::object()});
+  more.bytes() += dn;
+  REQUIRE(send_through_socket(out, &more) == aet::encode_frame(first) + aet::encode_frame(second) + dn);
+  REQUIRE(more.size() == 0);
+}
+
+TEST_CASE("a value kept in outgoing bytes keeps the text left out, moves included") {
+  OutgoingBytes moved;
+  std::string expected;
+  {
+    Json message{"ok", Json::object(), std::string(200000, 'k')};
+    expected = aet::encode_frame(message);
+    OutgoingBytes out;
+    append_left_out_frame(out, message);
+    out.keep(std::move(message));
+    message = Json();
+    moved = std::move(out);
+    REQUIRE(out.size() == 0);  // NOLINT(bugprone-use-after-move): a moved-from one is empty
+    REQUIRE(out.all_sent());
+  }
+  REQUIRE(send_through_socket(moved) == expected);
+}
+
+TEST_CASE("a value that cannot be printed leaves outgoing bytes as they were") {
+  const Json sent{"ok", Json::object(), std::string(70000, 'a')};  // outlives `out`, as it must
+  OutgoingBytes out;
+  append_left_out_frame(out, sent);
+  const std::string before = out.contiguous();
+  const std::size_t listed = out.left_out_count();
+  REQUIRE_THROWS_AS(out.append_json(Json::array({std::string(70000, 'b'), "\xff"})), aet::JsonError);
+  REQUIRE_THROWS_AS(out.append_json(Json::array({std::string(70000, 'b'), std::nan("")})), aet::JsonError);
+  REQUIRE(out.left_out_count() == listed);
+  REQUIRE(out.contiguous() == before);
+  // Long text that is not UTF-8 is refused as the copying printer refuses it.
+  REQUIRE_THROWS_WITH(out.append_json(Json(std::string(70000, 'c') + "\xc3")),
+                      Catch::Contains("cannot print a string that is not UTF-8"));
+  REQUIRE(out.contiguous() == before);
 }
 
 TEST_CASE("well-formed messages pass the shape check") {
