@@ -1851,29 +1851,35 @@ inline bool json_word_needs_attention(std::uint64_t v) noexcept {
 }
 
 #if defined(__SSE2__)
-// One bit per byte of the 16 at p that is '"', '\\', below 0x20 or above
-// 0x7F (the low bit for p[0]); 0 when all 16 are plain. Long strings are
-// scanned and copied 16 bytes per step with this where SSE2 is there (every
-// x86-64); elsewhere 8 bytes per step with the word test above.
-inline unsigned json_attention_mask(const char* p) noexcept {
+// Of the 16 bytes at p, those that are '"', '\\', below 0x20 or above 0x7F:
+// 0xFF where such a byte is, 0 elsewhere; the mask has one bit per byte
+// (the low bit for p[0]), 0 when all 16 are plain. Long strings are
+// scanned and copied 16 bytes per step with these where SSE2 is there
+// (every x86-64); elsewhere 8 bytes per step with the word test above.
+inline __m128i json_attention_bytes(const char* p) noexcept {
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  // As signed bytes, those above 0x7F are negative: one comparison finds
+  // them and the control characters.
+  const __m128i control_or_high = _mm_cmplt_epi8(v, _mm_set1_epi8(0x20));
   const __m128i quote = _mm_cmpeq_epi8(v, _mm_set1_epi8('"'));
   const __m128i backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8('\\'));
-  const __m128i control = _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(0x1F)), v);  // v <= 0x1F
-  // The sign bit of each byte of v is set exactly for bytes above 0x7F.
-  return static_cast<unsigned>(_mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), _mm_or_si128(control, v))));
+  return _mm_or_si128(_mm_or_si128(quote, backslash), control_or_high);
+}
+inline unsigned json_attention_mask(const char* p) noexcept {
+  return static_cast<unsigned>(_mm_movemask_epi8(json_attention_bytes(p)));
 }
 #endif
 
 // The first byte at or after p that is not plain printable ASCII.
 inline const char* json_skip_plain(const char* p, const char* end) noexcept {
 #if defined(__SSE2__)
-  // Long runs 64 bytes per branch, then 16.
+  // Long runs 64 bytes per test, then 16.
   for (; end - p >= 64; p += 64) {
-    const std::uint64_t mask = json_attention_mask(p) | json_attention_mask(p + 16) << 16 |
-                               std::uint64_t{json_attention_mask(p + 32)} << 32 |
-                               std::uint64_t{json_attention_mask(p + 48)} << 48;
-    if (mask) return p + __builtin_ctzll(mask);
+    const __m128i a = json_attention_bytes(p), b = json_attention_bytes(p + 16);
+    const __m128i c = json_attention_bytes(p + 32), d = json_attention_bytes(p + 48);
+    if (_mm_movemask_epi8(_mm_or_si128(_mm_or_si128(a, b), _mm_or_si128(c, d))) == 0) continue;
+    const auto bits = [](__m128i x) { return std::uint64_t{static_cast<unsigned>(_mm_movemask_epi8(x))}; };
+    return p + __builtin_ctzll(bits(a) | bits(b) << 16 | bits(c) << 32 | bits(d) << 48);
   }
   for (; end - p >= 16; p += 16)
     if (const unsigned mask = json_attention_mask(p)) return p + __builtin_ctz(mask);
@@ -2667,7 +2673,8 @@ struct LeftOutString {
 // Strings this long are left out when the caller asks; shorter ones cost
 // less to copy than to send as a piece of their own.
 constexpr std::size_t left_out_min = std::size_t{64} << 10;
-// At most this many per output (one iovec each, two with what follows).
+// At most this many per output (OutgoingBytes sends up to twice as many
+// pieces plus one per sendmsg()).
 constexpr std::size_t left_out_max = 16;
 
 // True when [p, end) prints as it is: valid UTF-8, nothing to escape.
@@ -2690,13 +2697,14 @@ inline bool json_text_prints_verbatim(const char* p, const char* end) noexcept {
 // to call (it is passed and returned); the string is grown geometrically
 // when a write needs more room than is left, and trimmed at the end.
 // Compact and pretty output are two instantiations. Given `left_out`, it
-// leaves long strings that need no escape out of the output and lists
-// them there instead.
+// leaves up to `left_out_room` long strings that need no escape out of the
+// output and lists them there instead.
 template <bool Pretty>
 class JsonWriter {
  public:
-  JsonWriter(std::string& out, int indent, std::vector<LeftOutString>* left_out = nullptr)
-      : out_(out), indent_(indent), left_out_(left_out) {
+  JsonWriter(std::string& out, int indent, std::vector<LeftOutString>* left_out = nullptr,
+             std::size_t left_out_room = 0)
+      : out_(out), indent_(indent), left_out_(left_out), left_out_room_(left_out_room) {
     const std::size_t used = out.size();
     // Room for a small value; resize() clears what it adds, so never more.
     out_.resize(used + 256);
@@ -2904,7 +2912,7 @@ class JsonWriter {
   }
 
   bool leaves_out(std::size_t n) const noexcept {
-    return left_out_ && n >= left_out_min && left_out_->size() < left_out_max;
+    return left_out_ && n >= left_out_min && left_out_->size() < left_out_room_;
   }
   // The quotes, and a note of the text that goes between them.
   char* leave_out(char* o, const std::string& s) {
@@ -3014,6 +3022,7 @@ class JsonWriter {
   std::string& out_;
   int indent_;
   std::vector<LeftOutString>* left_out_;
+  std::size_t left_out_room_;  // how many more it may take
   char* begin_;
   char* end_;
   char* cursor_;
@@ -4076,6 +4085,7 @@ inline void seal_frame(std::string& out, std::size_t start, std::size_t left_out
 // are sent from the values that hold them, with sendmsg() taking the text
 // between the bytes around it, and those values are kept here until all is
 // sent. A 1 MiB argument or result thus costs no copy on the sending side.
+// Without such strings (the usual case) this is one string and a count.
 class OutgoingBytes {
  public:
   OutgoingBytes() = default;
@@ -4094,27 +4104,30 @@ class OutgoingBytes {
   // `value` as JSON at the end, long strings left out: `value` must stay
   // as it is until they are sent (keep() it, or own it for that long).
   void append_json(const Json& value) {
-    const std::size_t original = bytes_.size(), listed = left_out_.size();
+    const std::size_t original = bytes_.size(), listed = left_out_count();
+    std::vector<LeftOutString> found;  // allocates only if something is left out
     try {
-      JsonWriter<false>(bytes_, 0, &left_out_).run(value);
+      JsonWriter<false>(bytes_, 0, &found, left_out_max - listed).run(value);
+      if (found.empty()) return;
+      if (!left_out_) left_out_ = std::make_unique<LeftOut>();
+      left_out_->strings.insert(left_out_->strings.end(), found.begin(), found.end());
     } catch (...) {
       bytes_.resize(original);
-      left_out_.resize(listed);
       throw;
     }
-    for (std::size_t i = listed; i < left_out_.size(); ++i) left_out_size_ += left_out_[i].size;
+    for (const LeftOutString& piece : found) left_out_->size += piece.size;
   }
   // The bytes left out since the output was `listed` strings long.
   std::size_t left_out_since(std::size_t listed) const noexcept {
     std::size_t n = 0;
-    for (std::size_t i = listed; i < left_out_.size(); ++i) n += left_out_[i].size;
+    for (std::size_t i = listed; i < left_out_count(); ++i) n += left_out_->strings[i].size;
     return n;
   }
-  std::size_t left_out_count() const noexcept { return left_out_.size(); }
+  std::size_t left_out_count() const noexcept { return left_out_ ? left_out_->strings.size() : 0; }
   // Keeps `value` until all is sent, if anything was left out (which
   // points into it). A value moved in keeps its strings where they are.
   void keep(Json value) {
-    if (!left_out_.empty()) owners_.push_back(std::move(value));
+    if (left_out_count() != 0) left_out_->owners.push_back(std::move(value));
   }
   // Everything after what is here already.
   void append(OutgoingBytes&& more) {
@@ -4124,30 +4137,32 @@ class OutgoingBytes {
     }
     const std::size_t shift = bytes_.size();
     bytes_ += more.bytes_;
-    for (LeftOutString piece : more.left_out_) {
-      piece.at += shift;
-      left_out_.push_back(piece);
+    if (more.left_out_) {
+      if (!left_out_) left_out_ = std::make_unique<LeftOut>();
+      for (LeftOutString piece : more.left_out_->strings) {
+        piece.at += shift;
+        left_out_->strings.push_back(piece);
+      }
+      for (Json& owner : more.left_out_->owners) left_out_->owners.push_back(std::move(owner));
+      left_out_->size += more.left_out_->size;
     }
-    left_out_size_ += more.left_out_size_;
-    for (Json& owner : more.owners_) owners_.push_back(std::move(owner));
     more.clear();
   }
   void swap(OutgoingBytes& other) noexcept {
     bytes_.swap(other.bytes_);
     left_out_.swap(other.left_out_);
-    owners_.swap(other.owners_);
-    std::swap(left_out_size_, other.left_out_size_);
     std::swap(sent_, other.sent_);
   }
 
-  std::size_t size() const noexcept { return bytes_.size() + left_out_size_; }
+  std::size_t size() const noexcept { return bytes_.size() + (left_out_ ? left_out_->size : 0); }
   bool all_sent() const noexcept { return sent_ == size(); }
   // All of it, sent or not, in one string.
   std::string contiguous() const {
     std::string all;
     all.reserve(size());
     std::size_t from = 0;
-    for (const LeftOutString& piece : left_out_) {
+    for (std::size_t i = 0; i < left_out_count(); ++i) {
+      const LeftOutString& piece = left_out_->strings[i];
       all.append(bytes_, from, piece.at - from).append(piece.data, piece.size);
       from = piece.at;
     }
@@ -4157,7 +4172,7 @@ class OutgoingBytes {
   // Sends from where the last call stopped, as much as the socket takes:
   // what send() returns, the count or -1 with errno set.
   ssize_t send_some(int fd, int flags) {
-    if (left_out_.empty()) {  // the usual case: one piece
+    if (!left_out_) {  // the usual case: one piece
       const ssize_t n = ::send(fd, bytes_.data() + sent_, bytes_.size() - sent_, flags);
       if (n > 0) sent_ += static_cast<std::size_t>(n);
       return n;
@@ -4173,7 +4188,7 @@ class OutgoingBytes {
         skip = 0;
       }
     };
-    for (const LeftOutString& piece : left_out_) {
+    for (const LeftOutString& piece : left_out_->strings) {
       add(bytes_.data() + from, piece.at - from);
       add(piece.data, piece.size);
       from = piece.at;
@@ -4192,17 +4207,19 @@ class OutgoingBytes {
   void clear() noexcept {
     bytes_.clear();
     if (bytes_.capacity() > kept_buffer_limit) std::string().swap(bytes_);
-    left_out_.clear();
-    owners_.clear();
-    left_out_size_ = sent_ = 0;
+    left_out_.reset();
+    sent_ = 0;
   }
   std::size_t capacity() const noexcept { return bytes_.capacity(); }
 
  private:
+  struct LeftOut {
+    std::vector<LeftOutString> strings;  // in order of `at`
+    std::vector<Json> owners;
+    std::size_t size = 0;  // of the strings
+  };
   std::string bytes_;
-  std::vector<LeftOutString> left_out_;  // in order of `at`
-  std::vector<Json> owners_;
-  std::size_t left_out_size_ = 0;
+  std::unique_ptr<LeftOut> left_out_;  // only while something is left out
   std::size_t sent_ = 0;
 };
 
