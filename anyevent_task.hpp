@@ -2168,7 +2168,15 @@ class JsonParser {
         p_(text.data()),
         end_(text.data() + text.size()),
         max_depth_(max_depth),
-        slabs_(text.size()) {}
+        slabs_(text.size()),
+        stacks_(take_stacks()),
+        levels_(stacks_.levels),
+        values_(stacks_.values),
+        members_(stacks_.members),
+        key_positions_(stacks_.key_positions) {}
+  ~JsonParser() { give_back_stacks(); }
+  JsonParser(const JsonParser&) = delete;
+  JsonParser& operator=(const JsonParser&) = delete;
 
   Json parse() {
     skip_ws();
@@ -2305,6 +2313,64 @@ class JsonParser {
     bool object;
     std::size_t start;  // index of its first element in values_ or members_
   };
+
+  // The parser's working stacks. Each thread keeps one set from parse to
+  // parse, with room for kept_entries in each (a message of a few values
+  // then costs no allocation for them); a parse that finds them taken makes
+  // its own.
+  static constexpr std::size_t kept_entries = 64;
+  struct Stacks {
+    Stacks() { make_room(); }
+    void make_room() {
+      levels.reserve(kept_entries);
+      values.reserve(kept_entries);
+      members.reserve(kept_entries);
+      key_positions.reserve(kept_entries);
+    }
+    std::vector<Level> levels;
+    std::vector<Json> values;
+    std::vector<std::pair<std::string, Json>> members;
+    std::vector<const char*> key_positions;  // of members, for duplicate-key errors
+    bool taken = false;
+  };
+  static Stacks& thread_stacks() {
+    static thread_local Stacks stacks;
+    return stacks;
+  }
+  Stacks& take_stacks() {
+    Stacks& kept = thread_stacks();
+    if (kept.taken) {
+      own_stacks_ = std::make_unique<Stacks>();
+      return *own_stacks_;
+    }
+    kept.taken = true;
+    return kept;
+  }
+  // Emptied (a failed parse leaves values in them), and cut back if a
+  // large document made them large: a thread keeps only what small ones
+  // need.
+  void give_back_stacks() noexcept {
+    if (own_stacks_) return;
+    bool large = false;
+    auto empty = [&large](auto& stack) {
+      stack.clear();
+      if (stack.capacity() > 4 * kept_entries) {
+        std::remove_reference_t<decltype(stack)>().swap(stack);
+        large = true;
+      }
+    };
+    empty(stacks_.levels);
+    empty(stacks_.values);
+    empty(stacks_.members);
+    empty(stacks_.key_positions);
+    if (large) {
+      try {
+        stacks_.make_room();
+      } catch (...) {  // out of memory: the next parse grows them as it goes
+      }
+    }
+    stacks_.taken = false;
+  }
 
   Json make_string(std::string text, bool prints_verbatim = false) {
     void* memory = slabs_.take(sizeof(JsonString));
@@ -2649,10 +2715,12 @@ class JsonParser {
   std::size_t max_depth_;
   JsonSlabs slabs_;  // before the values: destroyed after them
   Json root_;
-  std::vector<Level> levels_;
-  std::vector<Json> values_;
-  std::vector<std::pair<std::string, Json>> members_;
-  std::vector<const char*> key_positions_;  // of members_, for duplicate-key errors
+  std::unique_ptr<Stacks> own_stacks_;
+  Stacks& stacks_;
+  std::vector<Level>& levels_;
+  std::vector<Json>& values_;
+  std::vector<std::pair<std::string, Json>>& members_;
+  std::vector<const char*>& key_positions_;
 };
 
 // Keeps a function out of its callers (where the compiler supports it).
@@ -4107,7 +4175,7 @@ class OutgoingBytes {
     const std::size_t original = bytes_.size(), listed = left_out_count();
     std::vector<LeftOutString> found;  // allocates only if something is left out
     try {
-      JsonWriter<false>(bytes_, 0, &found, left_out_max - listed).run(value);
+      JsonWriter<false>(bytes_, 0, &found, listed < left_out_max ? left_out_max - listed : 0).run(value);
       if (found.empty()) return;
       if (!left_out_) left_out_ = std::make_unique<LeftOut>();
       left_out_->strings.insert(left_out_->strings.end(), found.begin(), found.end());
@@ -4117,28 +4185,32 @@ class OutgoingBytes {
     }
     for (const LeftOutString& piece : found) left_out_->size += piece.size;
   }
-  // The bytes left out since the output was `listed` strings long.
-  std::size_t left_out_since(std::size_t listed) const noexcept {
-    std::size_t n = 0;
-    for (std::size_t i = listed; i < left_out_count(); ++i) n += left_out_->strings[i].size;
-    return n;
-  }
+  // The bytes of the strings left out, and how many they are.
+  std::size_t left_out_size() const noexcept { return left_out_ ? left_out_->size : 0; }
   std::size_t left_out_count() const noexcept { return left_out_ ? left_out_->strings.size() : 0; }
   // Keeps `value` until all is sent, if anything was left out (which
-  // points into it). A value moved in keeps its strings where they are.
-  void keep(Json value) {
+  // points into it). A value moved in keeps its strings where they are;
+  // if keeping it fails (no memory), `value` is left as it was.
+  void keep(Json&& value) {
     if (left_out_count() != 0) left_out_->owners.push_back(std::move(value));
   }
-  // Everything after what is here already.
+  // Everything after what is here already. Out of memory, both are left
+  // as they were.
   void append(OutgoingBytes&& more) {
-    if (size() == 0 && sent_ == 0) {
+    if (size() == 0) {
       swap(more);
       return;
+    }
+    // All the room first: nothing after it can fail.
+    bytes_.reserve(bytes_.size() + more.bytes_.size());
+    if (more.left_out_) {
+      if (!left_out_) left_out_ = std::make_unique<LeftOut>();
+      left_out_->strings.reserve(left_out_->strings.size() + more.left_out_->strings.size());
+      left_out_->owners.reserve(left_out_->owners.size() + more.left_out_->owners.size());
     }
     const std::size_t shift = bytes_.size();
     bytes_ += more.bytes_;
     if (more.left_out_) {
-      if (!left_out_) left_out_ = std::make_unique<LeftOut>();
       for (LeftOutString piece : more.left_out_->strings) {
         piece.at += shift;
         left_out_->strings.push_back(piece);
@@ -5043,7 +5115,7 @@ class WorkerRequests {
         append_json_string(frame, error);
       }
       frame += ']';
-      seal_frame(frame, 0, out.left_out_since(0));
+      seal_frame(frame, 0, out.left_out_size());
       out.keep(std::move(result));
       return;
     } catch (const std::exception&) {
@@ -5763,24 +5835,29 @@ struct ClientCall {
 // caller keeps `args` there until the frame is sent.
 inline void encode_call(const std::optional<std::string>& method, const Json& args, OutgoingBytes& out) {
   out.clear();
-  std::string& scratch = out.bytes();
-  scratch.assign(4, '\0');
-  scratch += "[\"do\",{}";
-  if (method) {
-    scratch += ',';
-    append_json_string(scratch, *method);
-  }
-  if (args.is_array()) {
-    for (const Json& arg : args.as_array()) {
+  try {
+    std::string& scratch = out.bytes();
+    scratch.assign(4, '\0');
+    scratch += "[\"do\",{}";
+    if (method) {
       scratch += ',';
-      out.append_json(arg);
+      append_json_string(scratch, *method);
     }
-  } else if (!args.is_null()) {
-    scratch += ',';
-    out.append_json(args);
+    if (args.is_array()) {
+      for (const Json& arg : args.as_array()) {
+        scratch += ',';
+        out.append_json(arg);
+      }
+    } else if (!args.is_null()) {
+      scratch += ',';
+      out.append_json(args);
+    }
+    scratch += ']';
+    seal_frame(scratch, 0, out.left_out_size());
+  } catch (...) {
+    out.clear();  // nothing left pointing into `args`
+    throw;
   }
-  scratch += ']';
-  seal_frame(scratch, 0, out.left_out_since(0));
 }
 
 // The frame in `scratch` for a queued call: a small one copied to its
@@ -6675,7 +6752,12 @@ inline void Checkout::enqueue(std::optional<std::string> method, Json args, Call
     throw ProtocolError("request of " + std::to_string(size) + " bytes exceeds the limit of " +
                         std::to_string(client->options.max_frame));
   }
-  frame.keep(std::move(args));  // until sent: strings left out of the frame are in it
+  try {
+    frame.keep(std::move(args));  // until sent: strings left out of the frame are in it
+  } catch (...) {
+    frame.clear();
+    throw;
+  }
   client->queue_call(core, detail::ClientCall{std::move(method), {}, std::move(callback), std::move(context)},
                      frame);
   frame.clear();

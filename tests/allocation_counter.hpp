@@ -9,6 +9,9 @@
 
 namespace aet_test {
 inline std::atomic<long> allocations{0};
+// While >= 0: the allocation that would make `allocations` exceed it
+// throws std::bad_alloc instead (for out-of-memory tests).
+inline std::atomic<long> fail_after{-1};
 }
 
 // GCC 12 at -O2 inlines these and then warns about free() of a pointer that
@@ -18,11 +21,15 @@ inline std::atomic<long> allocations{0};
 #endif
 
 void* operator new(std::size_t size) {
+  const long limit = aet_test::fail_after.load();
+  if (limit >= 0 && aet_test::allocations.load() >= limit) throw std::bad_alloc();
   ++aet_test::allocations;
   if (void* p = std::malloc(size ? size : 1)) return p;
   throw std::bad_alloc();
 }
 void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
+  const long limit = aet_test::fail_after.load();
+  if (limit >= 0 && aet_test::allocations.load() >= limit) return nullptr;
   ++aet_test::allocations;
   return std::malloc(size ? size : 1);
 }

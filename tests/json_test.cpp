@@ -813,6 +813,33 @@ TEST_CASE("a parse that fails half way frees what it built") {
   REQUIRE(Json::parse(text + "0]").size() == 20001);
 }
 
+TEST_CASE("a failed parse leaves nothing behind for the next parse on its thread") {
+  const std::string good = R"([{"a":[1,{"b":"c"}],"d":"e"},[2,[3]],"f"])";
+  const Json expected = Json::parse(good);
+  for (const std::string& bad : {std::string(R"([{"a":[1,{"b":"c"}],"d":)"), std::string(R"([[1,2],{"k":[3,)"),
+                                 std::string(R"({"x":1,"x":2})")}) {
+    INFO(bad);
+    REQUIRE_FALSE(parse_error(bad).empty());
+    REQUIRE(Json::parse(good) == expected);
+    REQUIRE(Json::parse(good).dump() == good);
+  }
+}
+
+TEST_CASE("a small document parses with one allocation, after a large one too") {
+  const std::string small = R"(["ok",{"ld":{"pid":7}},["hello world",1,2.5]])";
+  REQUIRE(Json::parse(small).dump() == small);  // the thread's stacks are in use from here on
+  std::string large = "[";
+  for (int i = 0; i < 5000; ++i) large += R"({"k":[1,2],"v":"w"},)";
+  large += "0]";
+  for (int round = 0; round < 2; ++round) {
+    const long before = aet_test::allocations;
+    const Json parsed = Json::parse(small);
+    REQUIRE(aet_test::allocations - before == 1);  // the slab its values live in
+    REQUIRE(parsed.dump() == small);
+    REQUIRE(Json::parse(large).size() == 5001);  // grows the stacks, which are then given back
+  }
+}
+
 TEST_CASE("doubles print as the shortest text that reads back exactly") {
   // Significant digits of a number's text, without leading or trailing zeros.
   auto significant = [](const std::string& text) {

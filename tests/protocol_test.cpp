@@ -119,10 +119,10 @@ using aet::detail::OutgoingBytes;
 // `message` as a frame into `out`, long strings left out, as the worker
 // and the client write theirs.
 void append_left_out_frame(OutgoingBytes& out, const Json& message) {
-  const std::size_t start = out.bytes().size(), listed = out.left_out_count();
+  const std::size_t start = out.bytes().size(), left_out_before = out.left_out_size();
   out.bytes().append(4, '\0');
   out.append_json(message);
-  aet::detail::seal_frame(out.bytes(), start, out.left_out_since(listed));
+  aet::detail::seal_frame(out.bytes(), start, out.left_out_size() - left_out_before);
 }
 
 // Sends all of `out` through a non-blocking socketpair while the other
@@ -236,6 +236,40 @@ TEST_CASE("frames appended to outgoing bytes in the middle of a send follow what
   more.bytes() += dn;
   REQUIRE(send_through_socket(out, &more) == aet::encode_frame(first) + aet::encode_frame(second) + dn);
   REQUIRE(more.size() == 0);
+}
+
+TEST_CASE("out of memory, appending outgoing bytes or keeping a value changes nothing") {
+  const Json first{"do", Json::object(), "echo", std::string(100000, 'f')};
+  const std::string dn = aet::encode_frame(Json{"dn", Json::object()});
+  int failures = 0;
+  for (long n = 0; n < 40; ++n) {
+    OutgoingBytes out, more;
+    append_left_out_frame(out, first);
+    out.bytes() += dn;
+    Json second{"ok", Json::object(), std::string(120000, 's')};
+    append_left_out_frame(more, second);
+    more.keep(std::move(second));
+    const std::string out_before = out.contiguous(), more_before = more.contiguous();
+    Json third(std::string(70000, 't'));
+    aet_test::fail_after = aet_test::allocations + n;
+    bool appended = false, kept = false;
+    try {
+      out.append(std::move(more));
+      appended = true;
+      out.keep(std::move(third));
+      kept = true;
+    } catch (const std::bad_alloc&) {
+      ++failures;
+    }
+    aet_test::fail_after = -1;
+    INFO("allocation " << n);
+    REQUIRE(out.contiguous() == (appended ? out_before + more_before : out_before));
+    REQUIRE(out.size() == out.contiguous().size());
+    if (!appended) REQUIRE(more.contiguous() == more_before);
+    if (!kept) REQUIRE(third.as_string().size() == 70000);  // still the caller's
+    REQUIRE(send_through_socket(out) == out.contiguous());
+  }
+  REQUIRE(failures > 0);  // the loop did reach the allocations
 }
 
 TEST_CASE("a value kept in outgoing bytes keeps the text left out, moves included") {
