@@ -1104,7 +1104,9 @@ class Loop : public EventHost {
 //
 // Owns the wire format: a frame is a 4-byte big-endian length and that many
 // bytes of JSON holding one array, ["do"|"dn"|"ok"|"er", {meta}, ...]. Owns
-// encoding, incremental decoding and shape checks; no sockets, no loop.
+// encoding, incremental decoding and shape checks, and the sending of
+// encoded frames on a descriptor it is given (detail::OutgoingBytes); it
+// opens no socket and knows no loop.
 // ===========================================================================
 
 class ProtocolError : public Error {
