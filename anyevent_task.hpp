@@ -6261,6 +6261,9 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
 
   void read_replies(const std::shared_ptr<ClientWorker>& worker) {
     bool eof = false;
+    // A bad header stops the reading, not the replies before it: they are
+    // delivered, and the decoder then reports the error (below).
+    std::string read_error;
     for (;;) {
       // Into the shared buffer, then copied into the decoder; but straight
       // into the decoder when it has that much room anyway (a large body
@@ -6269,8 +6272,8 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       try {
         space = worker->decoder.input_space(0);
       } catch (const std::exception& e) {
-        worker_failed(worker, std::string("protocol error: ") + e.what());
-        return;
+        read_error = e.what();
+        break;
       }
       const bool direct = space.second >= read_buffer.size();
       if (!direct) space = {read_buffer.data(), read_buffer.size()};
@@ -6280,8 +6283,8 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
           if (direct) worker->decoder.commit(static_cast<std::size_t>(n));
           else worker->decoder.feed(space.first, static_cast<std::size_t>(n));
         } catch (const std::exception& e) {
-          worker_failed(worker, std::string("protocol error: ") + e.what());
-          return;
+          read_error = e.what();
+          break;
         }
         if (static_cast<std::size_t>(n) < space.second) break;  // drained, most likely
         continue;
@@ -6310,7 +6313,9 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       if (!message) break;
       on_reply(worker, std::move(*message));
     }
-    if (eof && !worker->dropped && !closed) worker_failed(worker, "worker connection suddenly died");
+    if (worker->dropped || closed) return;
+    if (!read_error.empty()) worker_failed(worker, "protocol error: " + read_error);
+    else if (eof) worker_failed(worker, "worker connection suddenly died");
   }
 
   // The worker is unusable: an idle one is replaced as needed, a checkout

@@ -313,6 +313,27 @@ TEST_CASE("a 10 MB reply string under the frame limit is delivered") {
   CHECK(other.value == "fine");
 }
 
+TEST_CASE("a reply that arrived before a bad header is delivered, then the checkout fails") {
+  FakeRig rig;
+  // One write: a good reply, an impossible header, and more than a read's
+  // worth after it, so that the client's first read stops nowhere near it.
+  const std::string bytes = aet::encode_frame(args({"ok", Json::object(), "delivered"})) +
+                            aet_test::frame_header(0xFFFFFFFFu) + std::string(200000, 'j');
+  rig.scenarios["then bad"] = [&](FakeWorkers::Connection& c) { c.send(bytes); };
+  aet::Client client(rig.loop, rig.client_options());
+  aet::Checkout checkout = client.checkout();
+  Outcome first, second;
+  checkout.call("reply", {"then bad"}, record_into(first));
+  REQUIRE(run_until(rig.loop, [&] { return first.ended(); }));
+  INFO(first.what);
+  REQUIRE(first.results == 1);
+  CHECK(first.value == "delivered");
+  checkout.call("good", {1}, record_into(second));
+  REQUIRE(run_until(rig.loop, [&] { return second.ended(); }));
+  CHECK(second.errors == 1);
+  CHECK(second.what == "protocol error: frame of 4294967295 bytes exceeds the limit of 67108864");
+}
+
 TEST_CASE("a reply trickling in a byte at a time keeps only its own checkout waiting") {
   FakeRig rig;
   const std::string frame = aet::encode_frame(args({"ok", Json::object(), "slowly"}));
