@@ -1214,6 +1214,9 @@ class FrameDecoder {
   // The next whole message, or nothing yet; ProtocolError on a bad one.
   std::optional<Json> next();
   std::size_t buffered() const noexcept { return buffer_.size() - read_pos_; }  // held, not yet yielded
+  // A bad header has stopped the stream: the messages before it are still
+  // yielded, then next() throws, as feed() and input_space() do already.
+  bool broken() const noexcept { return !broken_.empty(); }
 
  private:
   void compact();
@@ -2335,12 +2338,23 @@ class JsonParser {
     std::vector<const char*> key_positions;  // of members, for duplicate-key errors
     bool taken = false;
   };
-  static Stacks& thread_stacks() {
-    static thread_local Stacks stacks;
-    return stacks;
-  }
+  // The thread's set, and whether it is gone already: a parse in the
+  // destructor of a static object, or of another thread_local, may come
+  // after it (the flag, trivially destructible, outlives it).
+  struct ThreadStacks : Stacks {
+    ~ThreadStacks() { gone() = true; }
+    static bool& gone() noexcept {
+      static thread_local bool flag = false;
+      return flag;
+    }
+  };
   Stacks& take_stacks() {
-    Stacks& kept = thread_stacks();
+    if (ThreadStacks::gone()) {
+      own_stacks_ = std::make_unique<Stacks>();
+      return *own_stacks_;
+    }
+    static thread_local ThreadStacks thread_stacks;
+    Stacks& kept = thread_stacks;
     if (kept.taken) {
       own_stacks_ = std::make_unique<Stacks>();
       return *own_stacks_;
@@ -5916,7 +5930,7 @@ struct ClientWorker {
   int fd = -1;
   bool connecting = true;
   bool dropped = false;  // out of the pool: never used again
-  bool broken = false;   // a write failed; reported from the loop
+  bool broken = false;   // a write failed, or its replies broke off; never used again
   bool replying = false;  // its replies are being delivered: it was read from just now
   IoWatcher watcher;
   Timer failure;  // reports a failed write from the loop
@@ -6057,7 +6071,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
   // add; if it ends right after that reply, the call sent to it reports it.
   // Bytes beyond its reply (a second reply nobody asked for) rule it out.
   static bool usable(const ClientWorker& worker) {
-    if (worker.decoder.buffered() != 0) return false;
+    if (worker.decoder.buffered() != 0 || worker.decoder.broken() || worker.broken) return false;
     return worker.replying || still_open(worker);
   }
 
@@ -6271,8 +6285,11 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       std::pair<char*, std::size_t> space;
       try {
         space = worker->decoder.input_space(0);
+      } catch (const ProtocolError& e) {
+        read_error = std::string("protocol error: ") + e.what();
+        break;
       } catch (const std::exception& e) {
-        read_error = e.what();
+        read_error = std::string("cannot read the worker's replies: ") + e.what();
         break;
       }
       const bool direct = space.second >= read_buffer.size();
@@ -6282,8 +6299,11 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
         try {
           if (direct) worker->decoder.commit(static_cast<std::size_t>(n));
           else worker->decoder.feed(space.first, static_cast<std::size_t>(n));
+        } catch (const ProtocolError& e) {
+          read_error = std::string("protocol error: ") + e.what();
+          break;
         } catch (const std::exception& e) {
-          read_error = e.what();
+          read_error = std::string("cannot read the worker's replies: ") + e.what();
           break;
         }
         if (static_cast<std::size_t>(n) < space.second) break;  // drained, most likely
@@ -6294,7 +6314,10 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       eof = true;  // end of file, ECONNRESET or another error
       break;
     }
-    // Replies first: a worker may answer and exit at once.
+    // Replies first: a worker may answer and exit at once. One whose
+    // stream broke off is not handed out again by a callback releasing
+    // its checkout.
+    if (!read_error.empty() || worker->decoder.broken()) worker->broken = true;
     struct Replying {
       ClientWorker& worker;
       explicit Replying(ClientWorker& w) : worker(w) { worker.replying = true; }
@@ -6314,7 +6337,7 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       on_reply(worker, std::move(*message));
     }
     if (worker->dropped || closed) return;
-    if (!read_error.empty()) worker_failed(worker, "protocol error: " + read_error);
+    if (!read_error.empty()) worker_failed(worker, read_error);
     else if (eof) worker_failed(worker, "worker connection suddenly died");
   }
 

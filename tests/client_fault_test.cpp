@@ -334,6 +334,30 @@ TEST_CASE("a reply that arrived before a bad header is delivered, then the check
   CHECK(second.what == "protocol error: frame of 4294967295 bytes exceeds the limit of 67108864");
 }
 
+TEST_CASE("a checkout released by the reply before a bad header never passes that worker on") {
+  FakeRig rig;
+  const std::string bytes = aet::encode_frame(args({"ok", Json::object(), "delivered"})) +
+                            aet_test::frame_header(0xFFFFFFFFu) + std::string(200000, 'j');
+  rig.scenarios["then bad"] = [&](FakeWorkers::Connection& c) { c.send(bytes); };
+  aet::ClientOptions co = rig.client_options();
+  co.min_workers = 1;
+  co.max_workers = 1;
+  aet::Client client(rig.loop, co);
+  std::optional<aet::Checkout> first = client.checkout();
+  Outcome first_outcome, waiting;
+  first->call("reply", {"then bad"}, [&](aet::Checkout&, Json r) {
+    ++first_outcome.results;
+    first_outcome.value = r;
+    first.reset();  // released from the callback: the worker must not go to `waiting`
+  });
+  client.checkout().call("good", {"fresh worker"}, record_into(waiting));
+  REQUIRE(run_until(rig.loop, [&] { return first_outcome.ended() && waiting.ended(); }));
+  CHECK(first_outcome.value == "delivered");
+  INFO(waiting.what);
+  CHECK(waiting.results == 1);
+  CHECK(waiting.value == "fresh worker");
+}
+
 TEST_CASE("a reply trickling in a byte at a time keeps only its own checkout waiting") {
   FakeRig rig;
   const std::string frame = aet::encode_frame(args({"ok", Json::object(), "slowly"}));

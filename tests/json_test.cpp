@@ -825,6 +825,27 @@ TEST_CASE("a failed parse leaves nothing behind for the next parse on its thread
   }
 }
 
+namespace {
+std::string parsed_at_thread_exit;
+struct ParsesWhenDestroyed {
+  ~ParsesWhenDestroyed() { parsed_at_thread_exit = Json::parse(R"([1,{"a":[2,"three"]},[[4]]])").dump(); }
+};
+}  // namespace
+
+TEST_CASE("a parse in a thread_local's destructor, after the parser's own stacks are gone, works") {
+  std::size_t parsed_in_thread = 0;
+  std::thread thread([&] {
+    // Made before the thread's first parse, so destroyed after the
+    // parser's stacks at the thread's end.
+    thread_local ParsesWhenDestroyed guard;
+    (void)guard;
+    parsed_in_thread = Json::parse("[1,2,3]").size();
+  });
+  thread.join();
+  REQUIRE(parsed_in_thread == 3);
+  REQUIRE(parsed_at_thread_exit == R"([1,{"a":[2,"three"]},[[4]]])");
+}
+
 TEST_CASE("a small document parses with one allocation, after a large one too") {
   const std::string small = R"(["ok",{"ld":{"pid":7}},["hello world",1,2.5]])";
   REQUIRE(Json::parse(small).dump() == small);  // the thread's stacks are in use from here on
