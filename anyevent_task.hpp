@@ -2349,18 +2349,15 @@ class JsonParser {
     }
   };
   Stacks& take_stacks() {
-    if (ThreadStacks::gone()) {
-      own_stacks_ = std::make_unique<Stacks>();
-      return *own_stacks_;
+    if (!ThreadStacks::gone()) {
+      static thread_local ThreadStacks kept;
+      if (!kept.taken) {
+        kept.taken = true;
+        return kept;
+      }
     }
-    static thread_local ThreadStacks thread_stacks;
-    Stacks& kept = thread_stacks;
-    if (kept.taken) {
-      own_stacks_ = std::make_unique<Stacks>();
-      return *own_stacks_;
-    }
-    kept.taken = true;
-    return kept;
+    own_stacks_ = std::make_unique<Stacks>();
+    return *own_stacks_;
   }
   // Emptied (a failed parse leaves values in them), and cut back if a
   // large document made them large: a thread keeps only what small ones
@@ -4242,19 +4239,14 @@ class OutgoingBytes {
     std::swap(sent_, other.sent_);
   }
 
-  std::size_t size() const noexcept { return bytes_.size() + (left_out_ ? left_out_->size : 0); }
+  std::size_t size() const noexcept { return bytes_.size() + left_out_size(); }
   bool all_sent() const noexcept { return sent_ == size(); }
   // All of it, sent or not, in one string.
   std::string contiguous() const {
     std::string all;
     all.reserve(size());
-    std::size_t from = 0;
-    for (std::size_t i = 0; i < left_out_count(); ++i) {
-      const LeftOutString& piece = left_out_->strings[i];
-      all.append(bytes_, from, piece.at - from).append(piece.data, piece.size);
-      from = piece.at;
-    }
-    return all.append(bytes_, from, std::string::npos);
+    each_piece([&all](const char* data, std::size_t n) { all.append(data, n); });
+    return all;
   }
 
   // Sends from where the last call stopped, as much as the socket takes:
@@ -4267,21 +4259,15 @@ class OutgoingBytes {
     }
     constexpr std::size_t max_pieces = 2 * left_out_max + 1;
     iovec pieces[max_pieces];
-    std::size_t count = 0, skip = sent_, from = 0;
-    auto add = [&](const char* data, std::size_t n) {
+    std::size_t count = 0, skip = sent_;
+    each_piece([&](const char* data, std::size_t n) {
       if (skip >= n) {
         skip -= n;
       } else if (count < max_pieces) {
         pieces[count++] = iovec{const_cast<char*>(data + skip), n - skip};
         skip = 0;
       }
-    };
-    for (const LeftOutString& piece : left_out_->strings) {
-      add(bytes_.data() + from, piece.at - from);
-      add(piece.data, piece.size);
-      from = piece.at;
-    }
-    add(bytes_.data() + from, bytes_.size() - from);
+    });
     msghdr message{};
     message.msg_iov = pieces;
     message.msg_iovlen = count;
@@ -4298,9 +4284,21 @@ class OutgoingBytes {
     left_out_.reset();
     sent_ = 0;
   }
-  std::size_t capacity() const noexcept { return bytes_.capacity(); }
 
  private:
+  // Calls f(data, size) for each piece of the whole, in order: the bytes
+  // between strings left out, and those strings.
+  template <class F>
+  void each_piece(F f) const {
+    std::size_t from = 0;
+    for (std::size_t i = 0; i < left_out_count(); ++i) {
+      const LeftOutString& piece = left_out_->strings[i];
+      f(bytes_.data() + from, piece.at - from);
+      f(piece.data, piece.size);
+      from = piece.at;
+    }
+    f(bytes_.data() + from, bytes_.size() - from);
+  }
   struct LeftOut {
     std::vector<LeftOutString> strings;  // in order of `at`
     std::vector<Json> owners;
@@ -6278,6 +6276,10 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     // A bad header stops the reading, not the replies before it: they are
     // delivered, and the decoder then reports the error (below).
     std::string read_error;
+    auto describe = [](const std::exception& e) {
+      const bool protocol = dynamic_cast<const ProtocolError*>(&e) != nullptr;
+      return std::string(protocol ? "protocol error: " : "cannot read the worker's replies: ") + e.what();
+    };
     for (;;) {
       // Into the shared buffer, then copied into the decoder; but straight
       // into the decoder when it has that much room anyway (a large body
@@ -6285,11 +6287,8 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       std::pair<char*, std::size_t> space;
       try {
         space = worker->decoder.input_space(0);
-      } catch (const ProtocolError& e) {
-        read_error = std::string("protocol error: ") + e.what();
-        break;
       } catch (const std::exception& e) {
-        read_error = std::string("cannot read the worker's replies: ") + e.what();
+        read_error = describe(e);
         break;
       }
       const bool direct = space.second >= read_buffer.size();
@@ -6299,11 +6298,8 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
         try {
           if (direct) worker->decoder.commit(static_cast<std::size_t>(n));
           else worker->decoder.feed(space.first, static_cast<std::size_t>(n));
-        } catch (const ProtocolError& e) {
-          read_error = std::string("protocol error: ") + e.what();
-          break;
         } catch (const std::exception& e) {
-          read_error = std::string("cannot read the worker's replies: ") + e.what();
+          read_error = describe(e);
           break;
         }
         if (static_cast<std::size_t>(n) < space.second) break;  // drained, most likely
