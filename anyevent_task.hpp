@@ -562,11 +562,7 @@ class JsonVector {
     return ::new (raw) Header{0, capacity, nullptr};
   }
   static void destroy(T* first, T* last) noexcept {
-    // Each element may own memory elsewhere: start loading a few ahead.
-    for (T* ahead = first + 4; first != last; ++first, ++ahead) {
-      if (ahead < last) prefetch_payload(*ahead);
-      first->~T();
-    }
+    for (; first != last; ++first) first->~T();
   }
   // Moves [first, last) into raw memory at out and ends the originals.
   static void relocate(T* first, T* last, T* out) noexcept {
@@ -820,16 +816,6 @@ class Json {
     return reinterpret_cast<detail::JsonString*>(static_cast<std::uintptr_t>(value_.bits));
   }
   void take(Json& other) noexcept;  // moves other's payload into this payload-less value
-  // Starts loading the memory a value owns (walks of large trees are bound
-  // by these dependent cache misses). Found by argument-dependent lookup.
-  friend void prefetch_payload(const Json& v) noexcept {
-    if (v.type_ == Type::String) __builtin_prefetch(v.string_payload());
-    else if (v.type_ == Type::Array) __builtin_prefetch(v.value_.array.data());
-    else if (v.type_ == Type::Object) __builtin_prefetch(v.value_.object.data());
-  }
-  friend void prefetch_payload(const std::pair<std::string, Json>& member) noexcept {
-    prefetch_payload(member.second);
-  }
   void destroy() noexcept;
   [[noreturn]] void type_error(const char* expected) const;
 };
@@ -2871,7 +2857,6 @@ class JsonWriter {
     o = room(o, 2);
     *o++ = '[';
     for (std::size_t i = 0; i < n; ++i) {
-      if (i + 4 < n) prefetch_payload(it[i + 4]);
       if (i) {
         o = room(o, 1);
         *o++ = ',';
@@ -2904,7 +2889,6 @@ class JsonWriter {
     o = room(o, 2);
     *o++ = '{';
     for (std::size_t i = 0; i < n; ++i) {
-      if (i + 2 < n) prefetch_payload(it[i + 2]);
       if (i) {
         o = room(o, 1);
         *o++ = ',';
