@@ -4871,9 +4871,9 @@ inline itimerspec absolute_time(std::int64_t ns) noexcept {
   return at;
 }
 
-// The polite timer fired. It is armed lazily (see HungTimer), so it may
-// have been set for an earlier request: then it is set again for the
-// request in progress, and nothing happens between requests.
+// The polite timer fired. In a request it has run its timeout (HungTimer
+// sets the timer no earlier than that; were it early, it is set again);
+// between requests nothing happens.
 inline void on_hung_worker(int) {
   HungWatch& watch = hung_watch;
   if (!watch.in_request.load()) return;  // the next request arms it again
@@ -4897,14 +4897,18 @@ inline void on_hung_worker(int) {
 //
 // Setting a timer is a system call, and a worker may serve tens of
 // thousands of requests a second, so neither is set and cleared around
-// every request. The polite one is set when a request starts only if it is
-// not pending already; when it fires for an earlier request, its handler
-// sets it again for the one in progress (above). The backstop is pushed
-// forward only when it would fire less than timeout + 1 s after the
-// request's start, to timeout + 1 s + slack (at most once per slack of busy
-// time), and is cleared outside requests only where the worker could
-// otherwise wait long enough to meet it: idle in poll (woken 1 s before),
-// blocked sending a reply, or running checkout_done.
+// every request; "slack" below is the timeout, at most 1 s. The polite one
+// is set when a request starts only if it would fire before that request
+// has run its timeout, and then to half a slack later than that: it is set
+// at most once per half slack of busy time, never interrupts a request
+// that is not hung, and ends a hung one at most half a slack late. It may
+// fire between requests, where its handler does nothing (SA_RESTART
+// resumes what it interrupted). The backstop is pushed forward only when
+// it would fire less than timeout + 1 s after the request's start, to
+// timeout + 1 s + slack (at most once per slack of busy time), and is
+// cleared outside requests only where the worker could otherwise wait long
+// enough to meet it: idle in poll (woken 1 s before), blocked sending a
+// reply, or running checkout_done.
 class HungTimer {
  public:
   explicit HungTimer(double seconds)
@@ -4940,9 +4944,10 @@ class HungTimer {
     const std::int64_t now = monotonic_ns();
     hung_watch.started_ns.store(now);
     hung_watch.in_request.store(true);  // after the start: the handler reads both
-    if (hung_watch.polite_due_ns.load() <= now) {
-      hung_watch.polite_due_ns.store(now + timeout_ns_);
-      const itimerspec at = absolute_time(now + timeout_ns_);
+    if (hung_watch.polite_due_ns.load() < now + timeout_ns_) {
+      const std::int64_t due = now + timeout_ns_ + slack_ns_ / 2;
+      hung_watch.polite_due_ns.store(due);
+      const itimerspec at = absolute_time(due);
       ::timer_settime(hung_watch.polite, TIMER_ABSTIME, &at, nullptr);
     }
     if (kill_due_ < now + timeout_ns_ + guard_ns) {
@@ -5091,7 +5096,10 @@ class WorkerRequests {
     return std::get<CatchAll>(options_.interface)(std::move(args));
   }
 
-  // The frame of ["ok", meta, result] or ["er", meta, error], into `out`.
+  // The frame of ["ok", meta, result] or ["er", meta, error], into `out`;
+  // meta "last" tells the client that the worker exits after this reply (a
+  // stop signal came during the request), so that it is not handed out
+  // again.
   // Each part JSON cannot carry is mended on its own: a log becomes one
   // warning saying it could not be sent, a result becomes the error "result
   // cannot be sent as JSON: ...", an error text loses its non-ASCII bytes.
@@ -5106,6 +5114,7 @@ class WorkerRequests {
         frame += "\"ld\":";
         log.dump_to(frame);
       }
+      if (worker_stop_requested) frame += log.is_null() ? "\"last\":true" : ",\"last\":true";
       frame += "},";
       if (ok) {
         out.append_json(result);
@@ -5122,6 +5131,7 @@ class WorkerRequests {
     std::string& frame = out.bytes();
     Json meta = Json::object();
     if (!log.is_null()) meta["ld"] = std::move(log);
+    if (worker_stop_requested) meta["last"] = true;
     Json message = Json::array();
     message.push_back(ok ? "ok" : "er");
     message.push_back(std::move(meta));
@@ -5325,7 +5335,7 @@ struct WorkerPrelude {
     running_server.store(nullptr);
     install_handler(SIGTERM, on_worker_stop_signal, SA_RESTART);
     install_handler(SIGINT, on_worker_stop_signal, SA_RESTART);
-    if (options.hung_worker_timeout > 0) install_handler(SIGALRM, on_hung_worker, 0);
+    if (options.hung_worker_timeout > 0) install_handler(SIGALRM, on_hung_worker, SA_RESTART);
     unblock_all_signals();
     close_descriptors_except({0, 1, 2, conn});
     set_process_title("aet-worker:" + options.name);
@@ -6295,9 +6305,9 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       break;
     }
     // Replies first: a worker may answer and exit at once. One whose
-    // stream broke off is not handed out again by a callback releasing
-    // its checkout.
-    if (!read_error.empty() || worker->decoder.broken()) worker->broken = true;
+    // stream broke off or ended is not handed out again by a callback
+    // releasing its checkout.
+    if (eof || !read_error.empty() || worker->decoder.broken()) worker->broken = true;
     struct Replying {
       ClientWorker& worker;
       explicit Replying(ClientWorker& w) : worker(w) { worker.replying = true; }
@@ -6349,6 +6359,9 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
       worker_failed(worker, "protocol error: unexpected \"" + message[0].as_string() + "\" message from the worker");
       return;
     }
+    // Its last reply: the worker exits (its server stops), so it is not
+    // handed to another checkout.
+    if (const Json* last = message[1].find("last"); last && last->is_bool() && last->as_bool()) worker->broken = true;
     std::shared_ptr<CheckoutCore> core = *holder->position;
     ClientCall call = std::move(core->calls.front());
     core->calls.pop_front();
@@ -6437,25 +6450,22 @@ struct ClientState : std::enable_shared_from_this<ClientState> {
     });
   }
 
-  // Fails every checkout whose deadline has passed.
+  // Fails the checkout whose deadline passed first, one per round: the
+  // timer is armed for the next one before, so that when this failure's
+  // error escapes the loop (no catcher, or one that throws), the others
+  // still expire, in the rounds that follow.
   void expire_timeouts() {
-    const double now = Loop::now();
-    std::vector<std::shared_ptr<CheckoutCore>> expired;
-    while (timed_head && timed_head->deadline <= now) {
-      expired.push_back(*timed_head->position);
-      stop_timeout(*timed_head);
+    if (!timed_head) return;
+    if (timed_head->deadline > Loop::now()) {
+      set_deadline_timer(timed_head->deadline);
+      return;
     }
+    std::shared_ptr<CheckoutCore> core = *timed_head->position;
+    stop_timeout(*timed_head);
     if (timed_head) set_deadline_timer(timed_head->deadline);
-    std::shared_ptr<ClientState> self = shared_from_this();  // a callback may drop the client
-    for (const std::shared_ptr<CheckoutCore>& core : expired) {
-      if (closed) return;
-      // Failed, released or given a fresh timeout by an earlier delivery:
-      // its call is no longer the one that expired.
-      if (core->client != this || core->failed || core->timed) continue;
-      char text[64];
-      std::snprintf(text, sizeof(text), "timed out after %g seconds", core->timeout);
-      fail(core, true, text);
-    }
+    char text[64];
+    std::snprintf(text, sizeof(text), "timed out after %g seconds", core->timeout);
+    fail(core, true, text);
   }
 
   // `frame` is call_scratch. A call that goes out at once is sent from it

@@ -47,6 +47,11 @@ aet::Methods standard_methods() {
          return ::getpid();
        }},
       {"exit", [](const Json&) -> Json { ::_exit(3); }},
+      {"stop_self",  // as a stopping server does: the worker replies, then exits
+       [](const Json&) -> Json {
+         ::kill(::getpid(), SIGTERM);
+         return ::getpid();
+       }},
       {"big", [](const Json& args) -> Json { return std::string(static_cast<std::size_t>(args[0].as_int()), 'y'); }},
   };
 }
@@ -596,6 +601,29 @@ TEST_CASE("with no server the checkout fails with `timed out after`") {
   REQUIRE(client.pending_checkout_count() == 0);
 }
 
+TEST_CASE("checkouts that time out together all fail even when the first error escapes the loop") {
+  Rig rig;  // no server: both wait for a worker until their timeout
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  co.timeout = 0.3;
+  aet::Client client(loop, co);
+  int results = 0;
+  for (int i = 0; i < 2; ++i) client.checkout().call("pid", {}, [&](aet::Checkout&, Json) { ++results; });
+  int timeouts = 0;
+  const double limit = now() + 10;
+  while (timeouts < 2 && now() < limit) {
+    try {
+      loop.run_once(0.1);
+    } catch (const aet::TimeoutError& e) {
+      CHECK(std::string(e.what()) == "timed out after 0.3 seconds");
+      ++timeouts;
+    }
+  }
+  REQUIRE(timeouts == 2);
+  REQUIRE(results == 0);
+  REQUIRE(client.pending_checkout_count() == 0);
+}
+
 TEST_CASE("a call that outlives the checkout's timeout fails with `timed out after`") {
   Rig rig;
   aet::TaskServer server = rig.start();
@@ -768,6 +796,31 @@ TEST_CASE("a worker that exits mid-call gives `worker connection suddenly died`,
   REQUIRE(run_until(loop, [&] { return later.count == 2; }));
   REQUIRE(later.what == "worker connection suddenly died");
   REQUIRE(call_and_wait(loop, client, "echo", {2}) == Json{2});
+}
+
+TEST_CASE("a worker stopped during a call replies and is handed to no other checkout") {
+  Rig rig;
+  aet::TaskServer server = rig.start();
+  aet::Loop loop;
+  aet::ClientOptions co = rig.client_options();
+  co.min_workers = 1;
+  co.max_workers = 1;
+  aet::Client client(loop, co);
+  std::optional<Json> stopped, next;
+  Caught caught;
+  aet::frame_try(
+      [&] {
+        // The second checkout waits for the only worker, released after the
+        // first one's callback: the worker is exiting by then.
+        client.checkout().call("stop_self", {}, [&](aet::Checkout&, Json pid) { stopped = pid; });
+        client.checkout().call("pid", {}, [&](aet::Checkout&, Json pid) { next = pid; });
+      },
+      catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return next.has_value() || caught.count > 0; }));
+  INFO(caught.what);
+  REQUIRE(caught.count == 0);
+  REQUIRE(stopped.has_value());
+  REQUIRE(*next != *stopped);  // a fresh worker
 }
 
 TEST_CASE("checkouts made before the server starts are served once it is up") {
@@ -1326,6 +1379,7 @@ class FakeServer {
   }
   std::function<std::string(const Json& request)> reply;
   std::string greeting;
+  bool close_after_reply = false;  // the end of the connection right behind the reply
   int accepted = 0;
 
  private:
@@ -1363,6 +1417,7 @@ class FakeServer {
       if ((*request)[0] == Json("dn") || !reply) continue;
       const std::string bytes = reply(*request);
       REQUIRE(::send(c.fd, bytes.data(), bytes.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(bytes.size()));
+      if (close_after_reply) ::shutdown(c.fd, SHUT_WR);
     }
   }
   aet::Loop& loop_;
@@ -1432,16 +1487,14 @@ TEST_CASE("a worker that breaks the protocol fails its checkout with `protocol e
   REQUIRE(later.what == caught.what);
 }
 
-TEST_CASE("a stray reply read together with a reply never answers the next checkout's call") {
-  aet_test::TempDir dir;
-  aet::Loop loop;
-  FakeServer fake(loop, dir.file("fake.sock"));
-  // Every request is answered twice, in one write: 1, then a stray 2.
-  fake.reply = [](const Json&) {
-    return aet::encode_frame(Json{"ok", Json::object(), 1}) + aet::encode_frame(Json{"ok", Json::object(), 2});
-  };
+namespace {
+
+// Two checkouts through a client of one worker on `fake`: the second waits
+// for the worker, which the first one's callback releases just after its
+// reply was read. Returns both results; fails the test on an error.
+std::pair<Json, Json> two_checkouts_on_one_worker(aet::Loop& loop, const std::string& socket_path) {
   aet::ClientOptions co;
-  co.connect = "unix:" + dir.file("fake.sock");
+  co.connect = "unix:" + socket_path;
   co.min_workers = 1;
   co.max_workers = 1;
   co.timeout = 10;
@@ -1450,8 +1503,6 @@ TEST_CASE("a stray reply read together with a reply never answers the next check
   Caught caught;
   aet::frame_try(
       [&] {
-        // The second waits for the only worker, which is released in the
-        // first one's callback, its stray reply already read.
         client.checkout().call("m", {}, [&](aet::Checkout&, Json r) { first = r; });
         client.checkout().call("m", {}, [&](aet::Checkout&, Json r) { second = r; });
       },
@@ -1459,8 +1510,38 @@ TEST_CASE("a stray reply read together with a reply never answers the next check
   REQUIRE(run_until(loop, [&] { return second.has_value() || caught.count > 0; }));
   INFO(caught.what);
   REQUIRE(caught.count == 0);
+  return {*first, *second};
+}
+
+}  // namespace
+
+TEST_CASE("a stray reply read together with a reply never answers the next checkout's call") {
+  aet_test::TempDir dir;
+  aet::Loop loop;
+  FakeServer fake(loop, dir.file("fake.sock"));
+  // Every request is answered twice, in one write: 1, then a stray 2.
+  fake.reply = [](const Json&) {
+    return aet::encode_frame(Json{"ok", Json::object(), 1}) + aet::encode_frame(Json{"ok", Json::object(), 2});
+  };
+  auto [first, second] = two_checkouts_on_one_worker(loop, dir.file("fake.sock"));
   REQUIRE(first == Json(1));
   REQUIRE(second == Json(1));  // from a fresh worker, not the stray 2
+  REQUIRE(fake.accepted >= 2);
+}
+
+TEST_CASE("a worker whose connection ended right behind its reply is not handed to the next checkout") {
+  aet_test::TempDir dir;
+  aet::Loop loop;
+  FakeServer fake(loop, dir.file("fake.sock"));
+  // Larger than one read, so the client reads on to the end of the
+  // connection before it delivers the reply (after a short read it stops
+  // reading, and the next call sent finds the end: see the README).
+  const std::string big(200000, 'r');
+  fake.reply = [big](const Json&) { return aet::encode_frame(Json{"ok", Json::object(), big}); };
+  fake.close_after_reply = true;
+  auto [first, second] = two_checkouts_on_one_worker(loop, dir.file("fake.sock"));
+  REQUIRE(first == Json(big));
+  REQUIRE(second == Json(big));  // from a fresh worker
   REQUIRE(fake.accepted >= 2);
 }
 

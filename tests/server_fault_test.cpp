@@ -338,7 +338,7 @@ TEST_CASE("SIGTERM with busy workers: accepting stops at once, busy calls finish
   for (auto& wire : busy) {
     auto reply = wire->receive(5);
     REQUIRE(reply);
-    CHECK(*reply == args({"ok", Json::object(), "slept"}));
+    CHECK(*reply == args({"ok", Json::object({{"last", true}}), "slept"}));
     CHECK(wire->closes_within(5));
     CHECK(wire->ending() == aet_test::Ending::eof);
   }

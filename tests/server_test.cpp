@@ -4,12 +4,15 @@
 
 #include <catch2/catch.hpp>
 #include <netdb.h>
+#include <poll.h>
+#include <signal.h>
 #include <sys/inotify.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <fstream>
@@ -187,6 +190,17 @@ aet::Methods test_methods() {
          }
          ::closedir(dir);
          return list;
+       }},
+      {"poll_quietly",  // sleeps in poll(), which no signal handler resumes
+       [](const Json& args) {
+         const int ms = static_cast<int>(args[0].as_double() * 1000);
+         return Json(::poll(nullptr, 0, ms) < 0 && errno == EINTR ? "interrupted" : "quiet");
+       }},
+      {"sigalrm_restarts",
+       [](const Json&) {
+         struct sigaction action {};
+         ::sigaction(SIGALRM, nullptr, &action);
+         return Json((action.sa_flags & SA_RESTART) != 0);
        }},
       {"ignore_sigalrm",
        [](const Json&) {
@@ -576,6 +590,19 @@ TEST_CASE("after a busy spell longer than hung_worker_timeout a hung request sti
   CHECK(stderr_capture.wait_for("hung_worker_timeout of 0.3 s exceeded, exiting"));
 }
 
+TEST_CASE("the hung-worker timer never interrupts a request that has not run its timeout") {
+  TempDir dir;
+  aet::ServerOptions options = options_for(dir.unix_address());
+  options.hung_worker_timeout = 2;
+  auto server = aet::fork_task_server(options);
+  Wire wire(server.address());
+  CHECK(wire.result(args({"sigalrm_restarts"})) == true);  // what it interrupts between requests resumes
+  // The request above set the timer for its own timeout, 2 s from its
+  // start; this one starts 0.8 s later and sleeps across that moment.
+  std::this_thread::sleep_for(std::chrono::milliseconds(800));
+  CHECK(wire.result(args({"poll_quietly", 1.5})) == "quiet");
+}
+
 TEST_CASE("a worker that ignores SIGALRM is killed when hung, and never while idle") {
   TempDir dir;
   aet::ServerOptions options = options_for(dir.unix_address());
@@ -961,7 +988,7 @@ TEST_CASE("a stopping server kills a worker still busy after hung_worker_timeout
   CHECK(stderr_capture.wait_for("killed by signal 9"));
 }
 
-TEST_CASE("SIGTERM to a worker: idle it exits, busy it replies first") {
+TEST_CASE("SIGTERM to a worker: idle it exits, busy it replies first, marking its reply its last") {
   TempDir dir;
   auto server = aet::fork_task_server(options_for(dir.unix_address()));
   Wire idle(server.address());
@@ -977,7 +1004,12 @@ TEST_CASE("SIGTERM to a worker: idle it exits, busy it replies first") {
   auto reply = busy.receive();
   REQUIRE(reply);
   CHECK((*reply)[2] == "slept");
+  CHECK((*reply)[1]["last"] == true);  // so that its client hands it to no other checkout
   CHECK(busy.closes_within(2));
+  // A reply not followed by an exit says nothing of the kind.
+  Wire other(server.address());
+  Json plain = other.call(args({"echo", 1}));
+  CHECK_FALSE(plain[1].contains("last"));
 }
 
 TEST_CASE("an idle worker exits on SIGTERM even after its handler blocked SIGTERM") {
