@@ -121,6 +121,29 @@ Json call_and_wait(aet::Loop& loop, aet::Client& client, const std::string& meth
   return *result;
 }
 
+// Two checkouts through a client of one worker: the second waits for the
+// worker, which is released after the first one's callback, just after its
+// reply was read. Returns both results; fails the test on an error.
+std::pair<Json, Json> two_checkouts_on_one_worker(aet::Loop& loop, aet::ClientOptions co,
+                                                  const std::string& first_method = "m",
+                                                  const std::string& second_method = "m") {
+  co.min_workers = 1;
+  co.max_workers = 1;
+  aet::Client client(loop, co);
+  std::optional<Json> first, second;
+  Caught caught;
+  aet::frame_try(
+      [&] {
+        client.checkout().call(first_method, {}, [&](aet::Checkout&, Json r) { first = r; });
+        client.checkout().call(second_method, {}, [&](aet::Checkout&, Json r) { second = r; });
+      },
+      catch_into(caught));
+  REQUIRE(run_until(loop, [&] { return second.has_value() || caught.count > 0; }));
+  INFO(caught.what);
+  REQUIRE(caught.count == 0);
+  return {*first, *second};
+}
+
 double now() { return aet_test::monotonic_now(); }
 
 }  // namespace
@@ -802,25 +825,9 @@ TEST_CASE("a worker stopped during a call replies and is handed to no other chec
   Rig rig;
   aet::TaskServer server = rig.start();
   aet::Loop loop;
-  aet::ClientOptions co = rig.client_options();
-  co.min_workers = 1;
-  co.max_workers = 1;
-  aet::Client client(loop, co);
-  std::optional<Json> stopped, next;
-  Caught caught;
-  aet::frame_try(
-      [&] {
-        // The second checkout waits for the only worker, released after the
-        // first one's callback: the worker is exiting by then.
-        client.checkout().call("stop_self", {}, [&](aet::Checkout&, Json pid) { stopped = pid; });
-        client.checkout().call("pid", {}, [&](aet::Checkout&, Json pid) { next = pid; });
-      },
-      catch_into(caught));
-  REQUIRE(run_until(loop, [&] { return next.has_value() || caught.count > 0; }));
-  INFO(caught.what);
-  REQUIRE(caught.count == 0);
-  REQUIRE(stopped.has_value());
-  REQUIRE(*next != *stopped);  // a fresh worker
+  // The worker is exiting when the second checkout would get it.
+  auto [stopped, next] = two_checkouts_on_one_worker(loop, rig.client_options(), "stop_self", "pid");
+  REQUIRE(next != stopped);  // a fresh worker
 }
 
 TEST_CASE("checkouts made before the server starts are served once it is up") {
@@ -1426,6 +1433,13 @@ class FakeServer {
   std::vector<std::unique_ptr<Connection>> connections_;
 };
 
+aet::ClientOptions fake_client_options(const std::string& socket_path) {
+  aet::ClientOptions co;
+  co.connect = "unix:" + socket_path;
+  co.timeout = 10;
+  return co;
+}
+
 std::string raw_frame(const std::string& body) {
   const auto n = static_cast<std::uint32_t>(body.size());
   std::string frame{static_cast<char>(n >> 24), static_cast<char>(n >> 16), static_cast<char>(n >> 8),
@@ -1487,34 +1501,6 @@ TEST_CASE("a worker that breaks the protocol fails its checkout with `protocol e
   REQUIRE(later.what == caught.what);
 }
 
-namespace {
-
-// Two checkouts through a client of one worker on `fake`: the second waits
-// for the worker, which the first one's callback releases just after its
-// reply was read. Returns both results; fails the test on an error.
-std::pair<Json, Json> two_checkouts_on_one_worker(aet::Loop& loop, const std::string& socket_path) {
-  aet::ClientOptions co;
-  co.connect = "unix:" + socket_path;
-  co.min_workers = 1;
-  co.max_workers = 1;
-  co.timeout = 10;
-  aet::Client client(loop, co);
-  std::optional<Json> first, second;
-  Caught caught;
-  aet::frame_try(
-      [&] {
-        client.checkout().call("m", {}, [&](aet::Checkout&, Json r) { first = r; });
-        client.checkout().call("m", {}, [&](aet::Checkout&, Json r) { second = r; });
-      },
-      catch_into(caught));
-  REQUIRE(run_until(loop, [&] { return second.has_value() || caught.count > 0; }));
-  INFO(caught.what);
-  REQUIRE(caught.count == 0);
-  return {*first, *second};
-}
-
-}  // namespace
-
 TEST_CASE("a stray reply read together with a reply never answers the next checkout's call") {
   aet_test::TempDir dir;
   aet::Loop loop;
@@ -1523,7 +1509,7 @@ TEST_CASE("a stray reply read together with a reply never answers the next check
   fake.reply = [](const Json&) {
     return aet::encode_frame(Json{"ok", Json::object(), 1}) + aet::encode_frame(Json{"ok", Json::object(), 2});
   };
-  auto [first, second] = two_checkouts_on_one_worker(loop, dir.file("fake.sock"));
+  auto [first, second] = two_checkouts_on_one_worker(loop, fake_client_options(dir.file("fake.sock")));
   REQUIRE(first == Json(1));
   REQUIRE(second == Json(1));  // from a fresh worker, not the stray 2
   REQUIRE(fake.accepted >= 2);
@@ -1539,7 +1525,7 @@ TEST_CASE("a worker whose connection ended right behind its reply is not handed 
   const std::string big(200000, 'r');
   fake.reply = [big](const Json&) { return aet::encode_frame(Json{"ok", Json::object(), big}); };
   fake.close_after_reply = true;
-  auto [first, second] = two_checkouts_on_one_worker(loop, dir.file("fake.sock"));
+  auto [first, second] = two_checkouts_on_one_worker(loop, fake_client_options(dir.file("fake.sock")));
   REQUIRE(first == Json(big));
   REQUIRE(second == Json(big));  // from a fresh worker
   REQUIRE(fake.accepted >= 2);
