@@ -1249,7 +1249,8 @@ struct ServerOptions {
   std::function<void()> setup{};      // once per worker, lazily, retried after a throw
   std::function<void()> checkout_done{};  // a checkout was released normally ("dn")
   // Seconds one request (setup included) may run; the worker then exits:
-  // SIGALRM first (logged), SIGKILL one second later. 0: no limit.
+  // SIGALRM first (logged; at most half a second late), SIGKILL one to two
+  // seconds after the timeout. 0: no limit.
   double hung_worker_timeout = 300;
   Interface interface{};              // method table or catch-all
   unsigned socket_mode = 0600;        // Unix socket file permissions, exactly
@@ -4891,9 +4892,10 @@ inline void on_hung_worker(int) {
   ::_exit(2);
 }
 
-// hung_worker_timeout as two POSIX timers: SIGALRM at the timeout (a
-// logged exit) and, for a handler that blocks or catches SIGALRM, SIGKILL
-// one to two seconds later, which nothing can stop.
+// hung_worker_timeout as two POSIX timers: SIGALRM at the timeout, at most
+// half a slack late (a logged exit), and, for a handler that blocks or
+// catches SIGALRM, SIGKILL one to two seconds after the timeout, which
+// nothing can stop.
 //
 // Setting a timer is a system call, and a worker may serve tens of
 // thousands of requests a second, so neither is set and cleared around
@@ -5147,7 +5149,9 @@ class WorkerRequests {
     message[0] = "er";
     message[2] = ok ? "result cannot be sent as JSON: " + why : ascii_only(error);
     if (try_encode(message, why, frame)) return;
-    frame = encode_frame(Json{"er", Json::object(), message[2]});
+    Json last_resort_meta = Json::object();
+    if (worker_stop_requested) last_resort_meta["last"] = true;
+    frame = encode_frame(Json{"er", std::move(last_resort_meta), message[2]});
   }
 
   // `message` as a frame into `frame`, or false with the reason in `why`.

@@ -1519,9 +1519,9 @@ TEST_CASE("a worker whose connection ended right behind its reply is not handed 
   aet_test::TempDir dir;
   aet::Loop loop;
   FakeServer fake(loop, dir.file("fake.sock"));
-  // Larger than one read, so the client reads on to the end of the
-  // connection before it delivers the reply (after a short read it stops
-  // reading, and the next call sent finds the end: see the README).
+  // Large enough (over two 64 KiB reads) that the client reads on to the
+  // end of the connection before it delivers the reply (after a short read
+  // it stops reading, and the next call sent finds the end: see the README).
   const std::string big(200000, 'r');
   fake.reply = [big](const Json&) { return aet::encode_frame(Json{"ok", Json::object(), big}); };
   fake.close_after_reply = true;
