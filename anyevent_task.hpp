@@ -5131,9 +5131,8 @@ class WorkerRequests {
     }
     out.clear();
     std::string& frame = out.bytes();
-    Json meta = Json::object();
+    Json meta = meta_without_log();
     if (!log.is_null()) meta["ld"] = std::move(log);
-    if (worker_stop_requested) meta["last"] = true;
     Json message = Json::array();
     message.push_back(ok ? "ok" : "er");
     message.push_back(std::move(meta));
@@ -5149,9 +5148,13 @@ class WorkerRequests {
     message[0] = "er";
     message[2] = ok ? "result cannot be sent as JSON: " + why : ascii_only(error);
     if (try_encode(message, why, frame)) return;
-    Json last_resort_meta = Json::object();
-    if (worker_stop_requested) last_resort_meta["last"] = true;
-    frame = encode_frame(Json{"er", std::move(last_resort_meta), message[2]});
+    frame = encode_frame(Json{"er", meta_without_log(), message[2]});
+  }
+
+  static Json meta_without_log() {
+    Json meta = Json::object();
+    if (worker_stop_requested) meta["last"] = true;
+    return meta;
   }
 
   // `message` as a frame into `frame`, or false with the reason in `why`.
@@ -5844,32 +5847,28 @@ struct ClientCall {
 // ["do",{},method,args...] written straight into a frame in `out` (which
 // keeps its capacity from call to call), without building the message as
 // a Json. Long strings of `args` are left out (see OutgoingBytes): the
-// caller keeps `args` there until the frame is sent.
+// caller keeps `args` there until the frame is sent, and clears `out` if
+// this throws (what was written may point into `args`).
 inline void encode_call(const std::optional<std::string>& method, const Json& args, OutgoingBytes& out) {
   out.clear();
-  try {
-    std::string& scratch = out.bytes();
-    scratch.assign(4, '\0');
-    scratch += "[\"do\",{}";
-    if (method) {
-      scratch += ',';
-      append_json_string(scratch, *method);
-    }
-    if (args.is_array()) {
-      for (const Json& arg : args.as_array()) {
-        scratch += ',';
-        out.append_json(arg);
-      }
-    } else if (!args.is_null()) {
-      scratch += ',';
-      out.append_json(args);
-    }
-    scratch += ']';
-    seal_frame(scratch, 0, out.left_out_size());
-  } catch (...) {
-    out.clear();  // nothing left pointing into `args`
-    throw;
+  std::string& scratch = out.bytes();
+  scratch.assign(4, '\0');
+  scratch += "[\"do\",{}";
+  if (method) {
+    scratch += ',';
+    append_json_string(scratch, *method);
   }
+  if (args.is_array()) {
+    for (const Json& arg : args.as_array()) {
+      scratch += ',';
+      out.append_json(arg);
+    }
+  } else if (!args.is_null()) {
+    scratch += ',';
+    out.append_json(args);
+  }
+  scratch += ']';
+  seal_frame(scratch, 0, out.left_out_size());
 }
 
 // The frame in `scratch` for a queued call: a small one copied to its
@@ -5926,7 +5925,7 @@ struct ClientWorker {
   int fd = -1;
   bool connecting = true;
   bool dropped = false;  // out of the pool: never used again
-  bool broken = false;   // a write failed, or its replies broke off; never used again
+  bool broken = false;   // a write failed, its replies broke off or ended, or it said it exits: never used again
   bool replying = false;  // its replies are being delivered: it was read from just now
   IoWatcher watcher;
   Timer failure;  // reports a failed write from the loop
@@ -6768,23 +6767,19 @@ inline void Checkout::enqueue(std::optional<std::string> method, Json args, Call
   std::shared_ptr<detail::CheckoutCore> core = detail::live_core(state_);
   std::shared_ptr<detail::ClientState> client = core->client->shared_from_this();
   detail::OutgoingBytes& frame = client->call_scratch;
+  // Emptied however this ends: nothing is left pointing into `args`.
+  struct Cleared {
+    detail::OutgoingBytes& frame;
+    ~Cleared() { frame.clear(); }
+  } cleared{frame};
   detail::encode_call(method, args, frame);
   // The worker would refuse it and exit: say so here, where it can be fixed.
-  if (frame.size() - 4 > client->options.max_frame) {
-    const std::size_t size = frame.size() - 4;
-    frame.clear();
-    throw ProtocolError("request of " + std::to_string(size) + " bytes exceeds the limit of " +
+  if (frame.size() - 4 > client->options.max_frame)
+    throw ProtocolError("request of " + std::to_string(frame.size() - 4) + " bytes exceeds the limit of " +
                         std::to_string(client->options.max_frame));
-  }
-  try {
-    frame.keep(std::move(args));  // until sent: strings left out of the frame are in it
-  } catch (...) {
-    frame.clear();
-    throw;
-  }
+  frame.keep(std::move(args));  // until sent: strings left out of the frame are in it
   client->queue_call(core, detail::ClientCall{std::move(method), {}, std::move(callback), std::move(context)},
                      frame);
-  frame.clear();
 }
 
 inline void Checkout::throw_fatal_error(const std::string& message) {
