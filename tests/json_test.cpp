@@ -695,6 +695,55 @@ TEST_CASE("a large generated document round-trips") {
   REQUIRE(back[1999]["big"].as_int() == (std::int64_t{1} << 62 | 1999));
 }
 
+TEST_CASE("containers whose sizes change from one to the next parse and print right") {
+  // The parser sizes a container's block from the last two of its kind at
+  // its depth: sizes that repeat, shrink, grow past the guess, drop to
+  // empty or exceed what it reserves, mixed with the other kind, and
+  // deeper than it keeps sizes for.
+  std::mt19937 rng(7);
+  const std::size_t sizes[] = {2, 2, 2, 1, 3, 3, 0, 5, 5, 4, 40, 40, 33, 32, 32, 1, 2, 2};
+  auto container = [&](std::size_t n, bool object, const std::string& element) {
+    std::string s = object ? "{" : "[";
+    for (std::size_t i = 0; i < n; ++i) {
+      if (i) s += ',';
+      if (object) s += "\"k" + std::to_string(i) + "\":";
+      s += rng() % 3 == 0 ? "\"a string of some length " + std::to_string(rng()) + "\"" : element;
+    }
+    return s + (object ? "}" : "]");
+  };
+  std::string text = "[";
+  for (std::size_t round = 0; round < 3; ++round)
+    for (std::size_t n : sizes)
+      for (bool object : {false, true}) {
+        if (text.size() > 1) text += ',';
+        text += container(n, object, container(sizes[(n + round) % 18], !object, std::to_string(n)));
+      }
+  text += "," + nested(40, "[[1,2],", "]", "3") + "," + nested(40, "{\"a\":{\"b\":1},\"c\":", "}", "[4,5]");
+  text += "]";
+  const Json doc = Json::parse(text);
+  REQUIRE(doc.dump() == text);
+  REQUIRE(doc[7].size() == sizes[3]);
+  REQUIRE(doc[21].size() == sizes[10]);
+  for (const Json& part : doc.as_array()) REQUIRE(Json(part) == part);
+}
+
+TEST_CASE("a document of records is laid out in the order a walk reads it") {
+  // Each container's block comes before its elements' blocks, once the
+  // parser has seen two records: a walk then runs forward through memory.
+  std::string text = "[";
+  for (int i = 0; i < 100; ++i) text += R"({"id":1,"tags":["a","b"],"more":{"x":[1,2]}},)";
+  text += "0]";
+  const Json doc = Json::parse(text);
+  auto address = [](const auto& container) { return reinterpret_cast<std::uintptr_t>(container.data()); };
+  for (int i = 2; i < 100; ++i) {
+    const Json& record = doc[static_cast<std::size_t>(i)];
+    INFO("record " << i);
+    REQUIRE(address(record.as_object()) < address(record["tags"].as_array()));
+    REQUIRE(address(record["tags"].as_array()) < address(record["more"].as_object()));
+    REQUIRE(address(record["more"].as_object()) < address(record["more"]["x"].as_array()));
+  }
+}
+
 TEST_CASE("arrays and objects have the interface of std::vector") {
   Json::Array a;
   REQUIRE(a.empty());
