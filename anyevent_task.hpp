@@ -1850,12 +1850,13 @@ inline bool json_word_needs_attention(std::uint64_t v) noexcept {
 // (every x86-64); elsewhere 8 bytes per step with the word test above.
 inline __m128i json_attention_bytes(const char* p) noexcept {
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  // As signed bytes, those above 0x7F are negative: one comparison finds
-  // them and the control characters.
-  const __m128i control_or_high = _mm_cmplt_epi8(v, _mm_set1_epi8(0x20));
-  const __m128i quote = _mm_cmpeq_epi8(v, _mm_set1_epi8('"'));
+  // Flipping bit 1 turns '"' (0x22) into 0x20 and keeps the control
+  // characters below 0x20 and the bytes above 0x7F negative (as signed
+  // bytes): one comparison finds all three, one more the backslash.
+  const __m128i flipped = _mm_xor_si128(v, _mm_set1_epi8(0x02));
+  const __m128i quote_control_or_high = _mm_cmplt_epi8(flipped, _mm_set1_epi8(0x21));
   const __m128i backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8('\\'));
-  return _mm_or_si128(_mm_or_si128(quote, backslash), control_or_high);
+  return _mm_or_si128(quote_control_or_high, backslash);
 }
 inline unsigned json_attention_mask(const char* p) noexcept {
   return static_cast<unsigned>(_mm_movemask_epi8(json_attention_bytes(p)));

@@ -393,6 +393,35 @@ TEST_CASE("a byte to escape or check is found at every position of strings of ev
   }
 }
 
+TEST_CASE("every byte value is classified right wherever it falls in a string") {
+  // The scanners test 64, 16 and 8 bytes at once with arithmetic on the
+  // bytes: each of the 256 values, in each of those blocks and the tail.
+  for (int value = 0; value < 256; ++value) {
+    const char byte = static_cast<char>(value);
+    for (std::size_t at : {3, 40, 70, 130, 145}) {
+      std::string text(150, 'a');
+      text[at] = byte;
+      INFO("byte " << value << " at " << at);
+      const std::string error = parse_error("\"" + text + "\"");
+      if (value < 0x20) {
+        REQUIRE(error.find("control character") != std::string::npos);
+      } else if (byte == '"') {
+        REQUIRE(error.find("after the JSON value") != std::string::npos);
+      } else if (byte == '\\') {
+        REQUIRE(error.find("invalid escape") != std::string::npos);
+      } else if (value >= 0x80) {
+        REQUIRE(error.find("invalid UTF-8") != std::string::npos);
+        REQUIRE(error_of([&] { Json(text).dump(); }).find("not UTF-8") != std::string::npos);
+      } else {
+        REQUIRE(error.empty());
+        REQUIRE(Json::parse("\"" + text + "\"").as_string() == text);
+        REQUIRE(Json(text).dump() == "\"" + text + "\"");  // printed as it is
+      }
+      if (value < 0x80) REQUIRE(Json::parse(Json(text).dump()).as_string() == text);
+    }
+  }
+}
+
 TEST_CASE("a parsed string changed through as_string() is escaped when printed") {
   // The parser marks the strings it has checked as printable verbatim; a
   // change must drop the mark, on the value and never on a copy's original.
