@@ -2113,7 +2113,8 @@ class JsonSlabs {
   ~JsonSlabs() { seal(); }
 
   // n bytes (a multiple of 8, at most largest_block) in the current slab;
-  // call count() once an object lives there.
+  // call count() once they are handed out: the block then holds a
+  // reference to the slab until it is released.
   void* take(std::size_t n) {
     if (static_cast<std::size_t>(limit_ - next_) < n) refill(n);
     void* p = next_;
@@ -2152,8 +2153,9 @@ class JsonSlabs {
 
 // One-pass parser over a byte range. Iterative: open containers live on an
 // explicit stack (levels_), their finished elements on values_ and members_
-// until the container closes, so nesting costs no native stack and every
-// container is allocated once (see open_container for where).
+// until the container closes, so nesting costs no native stack and a
+// container's elements are moved once, into a block of the right size
+// (see open_container for where it comes from).
 class JsonParser {
  public:
   JsonParser(std::string_view text, std::size_t max_depth)
@@ -2315,17 +2317,21 @@ class JsonParser {
     std::uint32_t reserved_capacity;
     bool object;
   };
-  // The sizes of the last two containers of a kind that closed at a depth.
+  static constexpr std::uint32_t most_reserved = 32;  // elements
+  // The sizes of the last two non-empty containers of a kind that closed
+  // at a depth (an empty one takes no block and is not counted).
   struct ClosedSizes {
     std::uint32_t previous = 0, last = 0;
-    std::uint32_t guess() const noexcept { return std::min(previous, last); }
+    // The size to reserve: the smaller of the two, when both are small.
+    std::uint32_t guess() const noexcept {
+      return std::max(previous, last) <= most_reserved ? std::min(previous, last) : 0;
+    }
     void note(std::size_t n) noexcept {
       previous = last;
       last = static_cast<std::uint32_t>(std::min<std::size_t>(n, UINT32_MAX));
     }
   };
   static constexpr std::size_t sized_depths = 32;
-  static constexpr std::uint32_t most_reserved = 32;  // elements
 
   // The parser's working stacks. Each thread keeps one set from parse to
   // parse, with room for kept_entries in each (a message of a few values
@@ -2403,7 +2409,8 @@ class JsonParser {
     return j;
   }
 
-  // A container from its finished elements, moved into a block of the exact
+  // A container from its finished elements, moved into the block reserved
+  // for it when they fit (see open_container), else into one of the exact
   // size: in the current slab, or on the heap when it is large.
   template <class Container, class Scratch>
   Json make_container(Json::Type type, Scratch& scratch, const Level& level) {
@@ -2458,8 +2465,9 @@ class JsonParser {
   // copy, destruction), which goes from a container to its elements, runs
   // backwards through memory at every level: a dump of a large document
   // of records ran a quarter slower than one of its copy. So when the last
-  // two containers of this kind closed at this depth were both small (at
-  // most most_reserved elements), as in a document of records, the block
+  // two non-empty containers of this kind closed at this depth were both
+  // small (at most most_reserved elements), as in a document of records,
+  // the block
   // is taken now, at the smaller of their sizes, and used at close if the
   // elements fit (its spare capacity is the vector's). Otherwise, or when
   // they do not fit, it is made at close as before; the reserved block is
@@ -2472,7 +2480,7 @@ class JsonParser {
     const std::size_t depth = levels_.size() - 1;
     if (depth >= sized_depths) return;
     const std::uint32_t guess = closed_sizes_[depth][object].guess();
-    if (guess == 0 || guess > most_reserved) return;
+    if (guess == 0) return;
     level.reserved = slabs_.take(object ? Json::Object::block_bytes(guess) : Json::Array::block_bytes(guess));
     level.reserved_chunk = slabs_.chunk();
     level.reserved_capacity = guess;

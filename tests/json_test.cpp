@@ -725,10 +725,11 @@ TEST_CASE("a large generated document round-trips") {
 }
 
 TEST_CASE("containers whose sizes change from one to the next parse and print right") {
-  // The parser sizes a container's block from the last two of its kind at
-  // its depth: sizes that repeat, shrink, grow past the guess, drop to
-  // empty or exceed what it reserves, mixed with the other kind, and
-  // deeper than it keeps sizes for.
+  // The parser sizes a container's block from the last two non-empty ones
+  // of its kind at its depth: sizes that repeat, shrink, grow past the
+  // guess or exceed what it reserves, with empty ones between (which are
+  // not counted), mixed with the other kind, and deeper than it keeps
+  // sizes for.
   std::mt19937 rng(7);
   const std::size_t sizes[] = {2, 2, 2, 1, 3, 3, 0, 5, 5, 4, 40, 40, 33, 32, 32, 1, 2, 2};
   auto container = [&](std::size_t n, bool object, const std::string& element) {
@@ -759,18 +760,22 @@ TEST_CASE("containers whose sizes change from one to the next parse and print ri
 TEST_CASE("a document of records is laid out in the order a walk reads it") {
   // Each container's block comes before its elements' blocks, once the
   // parser has seen two records: a walk then runs forward through memory.
+  // Where a record spans two slabs, their order is the allocator's, so
+  // nearly all records are asked to be in order, not every one (before,
+  // none was).
   std::string text = "[";
-  for (int i = 0; i < 100; ++i) text += R"({"id":1,"tags":["a","b"],"more":{"x":[1,2]}},)";
+  for (int i = 0; i < 1000; ++i) text += R"({"id":1,"tags":["a","b"],"more":{"x":[1,2]}},)";
   text += "0]";
   const Json doc = Json::parse(text);
   auto address = [](const auto& container) { return reinterpret_cast<std::uintptr_t>(container.data()); };
-  for (int i = 2; i < 100; ++i) {
-    const Json& record = doc[static_cast<std::size_t>(i)];
-    INFO("record " << i);
-    REQUIRE(address(record.as_object()) < address(record["tags"].as_array()));
-    REQUIRE(address(record["tags"].as_array()) < address(record["more"].as_object()));
-    REQUIRE(address(record["more"].as_object()) < address(record["more"]["x"].as_array()));
+  int in_order = 0;
+  for (std::size_t i = 2; i < 1000; ++i) {
+    const Json& record = doc[i];
+    in_order += address(record.as_object()) < address(record["tags"].as_array()) &&
+                address(record["tags"].as_array()) < address(record["more"].as_object()) &&
+                address(record["more"].as_object()) < address(record["more"]["x"].as_array());
   }
+  REQUIRE(in_order >= 950);
 }
 
 TEST_CASE("arrays and objects have the interface of std::vector") {
