@@ -2467,11 +2467,10 @@ class JsonParser {
   // of records ran a quarter slower than one of its copy. So when the last
   // two non-empty containers of this kind closed at this depth were both
   // small (at most most_reserved elements), as in a document of records,
-  // the block
-  // is taken now, at the smaller of their sizes, and used at close if the
-  // elements fit (its spare capacity is the vector's). Otherwise, or when
-  // they do not fit, it is made at close as before; the reserved block is
-  // then unused slab space, at most one per container.
+  // the block is taken now, at the smaller of their sizes, and used at
+  // close if the elements fit (its spare capacity is the vector's).
+  // Otherwise, or when they do not fit, it is made at close as before; the
+  // reserved block is then unused slab space, at most one per container.
   void open_container(bool object, std::size_t start) {
     Level& level = levels_.emplace_back();
     level.start = start;
