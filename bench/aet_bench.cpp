@@ -6,7 +6,8 @@
 //   aet_bench payload BYTES    echo of a string of that size
 //   aet_bench json             parse and dump throughput (and peers if installed)
 //   aet_bench memory           client memory per pending checkout, idle worker RSS
-//   aet_bench scale W [N]      checkouts per second with W workers, and with 4
+//   aet_bench scale W [N]      checkouts per second with W workers, and with 4;
+//                              the floor likewise, and with epoll_wait()
 //
 // The server runs with the default hung_worker_timeout (300 s), or with
 // $AET_BENCH_HUNG_TIMEOUT seconds (0: none) if set.
@@ -16,6 +17,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -359,21 +361,54 @@ struct LibraryPool {
 
 // The floor of a pool: `workers` raw echo processes, one request each in
 // flight, a reply answered with "dn" and the next request in one write.
+// It waits in poll() as the library's loop does, or, for `scale`, in
+// epoll_wait(), whose cost does not grow with the number of descriptors:
+// the two side by side show what the event mechanism costs at W = 500.
 struct RawPool {
+  enum class Wait { poll, epoll };
   std::string request = aet::encode_frame(aet::Json{"do", aet::Json::object(), "echo", 1});
   std::string release = aet::encode_frame(aet::Json{"dn", aet::Json::object()});
   std::string release_and_request = release + request;
   std::vector<std::unique_ptr<RawEcho>> echoes;
   std::vector<RawReader> readers;
   std::vector<pollfd> polls;
+  Wait wait;
+  int epoll_fd = -1;
+  std::vector<epoll_event> events;
+  std::vector<std::size_t> ready;  // indices into echoes
 
-  explicit RawPool(unsigned workers) {
+  explicit RawPool(unsigned workers, Wait how = Wait::poll) : wait(how) {
     const std::string reply = aet::encode_frame(aet::Json{"ok", aet::Json::object(), 1});
+    if (wait == Wait::epoll && (epoll_fd = epoll_create1(EPOLL_CLOEXEC)) < 0) die("epoll_create1");
     for (unsigned i = 0; i < workers; ++i) {
       echoes.push_back(std::make_unique<RawEcho>(reply));
       readers.emplace_back(echoes.back()->fd);
       polls.push_back({echoes.back()->fd, POLLIN, 0});
+      epoll_event e{};
+      e.events = EPOLLIN;
+      e.data.u64 = i;
+      if (wait == Wait::epoll && epoll_ctl(epoll_fd, EPOLL_CTL_ADD, echoes.back()->fd, &e) < 0) die("epoll_ctl");
     }
+    events.resize(workers);
+  }
+  ~RawPool() {
+    if (epoll_fd >= 0) close(epoll_fd);
+  }
+  RawPool(const RawPool&) = delete;
+  RawPool& operator=(const RawPool&) = delete;
+
+  // Blocks until some echoes have replied; their indices in `ready`.
+  void wait_for_replies() {
+    ready.clear();
+    if (wait == Wait::poll) {
+      if (::poll(polls.data(), polls.size(), -1) < 0 && errno != EINTR) die("poll");
+      for (std::size_t i = 0; i < polls.size(); ++i)
+        if (polls[i].revents & POLLIN) ready.push_back(i);
+      return;
+    }
+    const int n = epoll_wait(epoll_fd, events.data(), static_cast<int>(events.size()), -1);
+    if (n < 0 && errno != EINTR) die("epoll_wait");
+    for (int i = 0; i < n; ++i) ready.push_back(static_cast<std::size_t>(events[static_cast<std::size_t>(i)].data.u64));
   }
   double batch(int count) {
     double t0 = now();
@@ -385,9 +420,8 @@ struct RawPool {
       }
     std::string_view body;
     while (served < count) {
-      if (::poll(polls.data(), polls.size(), -1) < 0 && errno != EINTR) die("poll");
-      for (std::size_t i = 0; i < polls.size(); ++i) {
-        if (!(polls[i].revents & POLLIN)) continue;
+      wait_for_replies();
+      for (std::size_t i : ready) {
         if (!readers[i].next(body, true)) die("raw echo died");
         ++served;
         const std::string& next = sent < count ? release_and_request : release;
@@ -415,24 +449,35 @@ void bench_checkouts(int n, unsigned workers) {
 }
 
 // W workers beside 4 (each pool on its own loop, one server), in the same
-// run: the ratio of the two is the target.
+// run: the ratio of the two is the target. The floor is measured the same
+// way, W raw echoes beside 4, so that the floor's own ratio (what 500
+// processes on this machine cost) stands next to the library's; and once
+// more with W raw echoes waiting in epoll_wait() instead of poll().
 void bench_scale(int n, unsigned workers) {
   Bench b;
   LibraryPool few(b, 4);
   LibraryPool many(b, workers);
   RawPool raw(workers);
+  RawPool raw_few(4);
+  RawPool raw_epoll(workers, RawPool::Wait::epoll);
   const int per_batch = std::max(1, n / batches);
   few.batch(8);
   many.batch(static_cast<int>(workers) * 2);
   raw.batch(static_cast<int>(workers) * 2);
+  raw_few.batch(8);
+  raw_epoll.batch(static_cast<int>(workers) * 2);
   std::vector<double> t = alternate({
       [&] { return many.batch(per_batch); },
       [&] { return few.batch(per_batch); },
       [&] { return raw.batch(per_batch); },
+      [&] { return raw_few.batch(per_batch); },
+      [&] { return raw_epoll.batch(per_batch); },
   });
   print("checkouts_per_s", per_batch / t[0]);
   print("w4_checkouts_per_s", per_batch / t[1]);
   print("floor_checkouts_per_s", per_batch / t[2]);
+  print("floor_w4_checkouts_per_s", per_batch / t[3]);
+  print("floor_epoll_checkouts_per_s", per_batch / t[4]);
 }
 
 // ---- spawn -----------------------------------------------------------------------

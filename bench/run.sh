@@ -21,15 +21,18 @@ out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 
 # Lines: "run subcommand name value". "rtt0" and "checkouts0" are rtt and
-# checkouts with hung_worker_timeout = 0 (no watchdog), for comparison.
+# checkouts with hung_worker_timeout = 0 (no watchdog), for comparison; each
+# runs right after its default twin, so that both meet the machine in the
+# same state.
 for run in $(seq $runs); do
   for args in "rtt 20000" "checkouts 20000 4" "spawn 300" "payload 1048576" "json" "memory" "scale 500"; do
     # shellcheck disable=SC2086
     "$bench" $args | sed "s/^/$run ${args%% *} /" >>"$out"
-  done
-  for args in "rtt 20000" "checkouts 20000 4"; do
-    # shellcheck disable=SC2086
-    AET_BENCH_HUNG_TIMEOUT=0 "$bench" $args | sed "s/^/$run ${args%% *}0 /" >>"$out"
+    case $args in
+      rtt* | checkouts*)
+        # shellcheck disable=SC2086
+        AET_BENCH_HUNG_TIMEOUT=0 "$bench" $args | sed "s/^/$run ${args%% *}0 /" >>"$out" ;;
+    esac
   done
 done
 
@@ -66,3 +69,5 @@ printf '%-34s %6.2f   [>= 0.5]\n' "json dump / RapidJSON" "$(r json json_dump_mb
 printf '%-34s %6.0f   [<= 1024]\n' "pending checkout, bytes" "$(m memory pending_checkout_bytes)"
 printf '%-34s %6.2f   [>= 0.5]\n' "scale W=500 / W=4 (same run)" "$(r scale checkouts_per_s w4_checkouts_per_s)"
 printf '%-34s %6.2f\n' "  W=500 / checkouts W=4 run" "$(rr scale checkouts_per_s checkouts checkouts_per_s)"
+printf '%-34s %6.2f\n' "  the floor's own W=500 / W=4" "$(r scale floor_checkouts_per_s floor_w4_checkouts_per_s)"
+printf '%-34s %6.2f\n' "  floor W=500: epoll / poll" "$(r scale floor_epoll_checkouts_per_s floor_checkouts_per_s)"
