@@ -207,6 +207,15 @@ aet::Methods test_methods() {
          ::signal(SIGALRM, SIG_IGN);
          return Json("ignoring");
        }},
+      {"replace_timerfd",  // closes the worker's timerfd; /dev/zero (always readable) takes its number
+       [](const Json&) -> Json {
+         for (int fd = 3; fd < 64; ++fd)
+           if (proc_fd_target(std::to_string(fd)) == "anon_inode:[timerfd]") {
+             ::close(fd);
+             return Json(::open("/dev/zero", O_RDONLY) == fd ? "replaced" : "elsewhere");
+           }
+         return Json("no timerfd");
+       }},
       {"block_sigterm",
        [](const Json&) {
          sigset_t term;
@@ -623,6 +632,31 @@ TEST_CASE("a worker that ignores SIGALRM is killed when hung, and never while id
   CHECK(stderr_capture.wait_for("killed by signal 9"));
 }
 
+// The idle wait has no timeout: the timerfd wakes the worker to clear the
+// backstop. A handler that takes the descriptor away leaves the worker to
+// bound its waits instead, and the descriptor is not closed under it.
+TEST_CASE("a worker whose handler takes its timerfd away is still never killed while idle") {
+  TempDir dir;
+  aet::ServerOptions options = options_for(dir.unix_address());
+  options.hung_worker_timeout = 0.3;
+  auto server = aet::fork_task_server(options);
+  Wire wire(server.address());
+  Json pid = wire.result(args({"pid"}));
+  REQUIRE(wire.result(args({"replace_timerfd"})) == "replaced");
+  // Past the backstop the last request set (one to two seconds after its
+  // 0.3 s timeout), idle, with /dev/zero polled readable all along.
+  std::this_thread::sleep_for(std::chrono::milliseconds(2200));
+  CHECK(wire.result(args({"pid"})) == pid);
+  bool dev_zero_open = false;
+  const Json fds = wire.result(args({"fds"}));
+  for (const Json& entry : fds.as_array())
+    if (entry[1].as_string() == "/dev/zero") dev_zero_open = true;
+  CHECK(dev_zero_open);
+  // The limit still holds.
+  wire.send(Json::array({"do", Json::object(), "sleep", 10}));
+  CHECK(wire.closes_within(5));
+}
+
 TEST_CASE("neither a slow reader of a large reply nor a long checkout_done meets hung_worker_timeout") {
   TempDir dir;
   aet::ServerOptions options = options_for(dir.unix_address());
@@ -661,27 +695,43 @@ TEST_CASE("process titles name the server and the worker, cut to 15 bytes") {
   CHECK(read_comm(server2.pid()) == "aet-server:ab");
 }
 
-TEST_CASE("a worker holds only descriptors 0, 1, 2 and its connection") {
-  TempDir dir;
-  // Descriptors the test process holds must not leak into workers.
+// The descriptors of a worker of a server with these options: number and
+// what /proc says it is, checked to be 0, 1, 2, one socket and `timerfds`
+// timerfds; a descriptor the test process holds must not leak into it.
+void check_worker_descriptors(aet::ServerOptions options, int timerfds) {
   int stray = ::open("/dev/null", O_RDONLY);  // without O_CLOEXEC, on purpose
-  auto server = aet::fork_task_server(options_for(dir.unix_address()));
+  auto server = aet::fork_task_server(std::move(options));
   Wire first(server.address());
   Wire wire(server.address());
   Json fds = wire.result(args({"fds"}));
   ::close(stray);
   INFO(fds.dump());
-  REQUIRE(fds.size() == 4);
+  REQUIRE(fds.size() == 4u + static_cast<unsigned>(timerfds));
   std::set<std::int64_t> numbers;
-  int sockets = 0;
+  int sockets = 0, timers = 0;
   for (const Json& entry : fds.as_array()) {
     numbers.insert(entry[0].as_int());
-    if (entry[0].as_int() > 2 && entry[1].as_string().compare(0, 7, "socket:") == 0) ++sockets;
+    if (entry[0].as_int() <= 2) continue;
+    if (entry[1].as_string().compare(0, 7, "socket:") == 0) ++sockets;
+    if (entry[1].as_string() == "anon_inode:[timerfd]") ++timers;
   }
   CHECK(numbers.count(0) == 1);
   CHECK(numbers.count(1) == 1);
   CHECK(numbers.count(2) == 1);
   CHECK(sockets == 1);
+  CHECK(timers == timerfds);
+}
+
+TEST_CASE("a worker holds only descriptors 0, 1, 2, its connection and the timerfd of its hung_worker_timeout") {
+  TempDir dir;
+  check_worker_descriptors(options_for(dir.unix_address()), 1);
+}
+
+TEST_CASE("a worker without hung_worker_timeout holds only descriptors 0, 1, 2 and its connection") {
+  TempDir dir;
+  aet::ServerOptions options = options_for(dir.unix_address());
+  options.hung_worker_timeout = 0;
+  check_worker_descriptors(options, 0);
 }
 
 TEST_CASE("with descriptor 0 closed, the server puts /dev/null there, not a socket of its own") {
