@@ -5062,8 +5062,8 @@ class HungTimer {
     return static_cast<int>(std::min<std::int64_t>(left / 1000000 + 1, INT_MAX));
   }
   // Between requests, before what may block for long: the backstop off.
-  // (The idle wake is left set: it goes off once for nothing, which costs
-  // less than a system call here, on every checkout_done.)
+  // The idle wake is left set: going off once for nothing costs less than
+  // a system call here, on every checkout_done, to disarm it.
   void quiet() noexcept {
     if (kill_due_ == 0) return;
     kill_due_ = 0;
