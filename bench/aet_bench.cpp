@@ -2,7 +2,7 @@
 //
 //   aet_bench rtt N            sequential echo calls on one checkout
 //   aet_bench checkouts N W    N checkouts of one call each over W workers
-//   aet_bench spawn N          a fresh worker for every checkout
+//   aet_bench spawn N          a fresh worker for every checkout (and its page faults)
 //   aet_bench payload BYTES    echo of a string of that size
 //   aet_bench json             parse and dump throughput (and peers if installed)
 //   aet_bench memory           client memory per pending checkout, idle worker RSS
@@ -193,8 +193,19 @@ struct Bench {
     so.name = "bench";
     so.hung_worker_timeout = hung_worker_timeout();
     // The handler owns its arguments: the echo moves its argument out.
-    so.interface = aet::Methods{{"echo", [](aet::Json args) -> aet::Json { return std::move(args[0]); }}};
+    // page_faults: the worker's minor faults so far (getrusage is called
+    // here first, so that a worker does not look it up itself).
+    (void)minor_faults();
+    so.interface = aet::Methods{
+        {"echo", [](aet::Json args) -> aet::Json { return std::move(args[0]); }},
+        {"page_faults", [](aet::Json) -> aet::Json { return static_cast<std::int64_t>(minor_faults()); }},
+    };
     return so;
+  }
+  static long minor_faults() {
+    rusage usage{};
+    getrusage(RUSAGE_SELF, &usage);
+    return usage.ru_minflt;
   }
   aet::ClientOptions client_options(unsigned workers) {
     aet::ClientOptions co;
@@ -531,6 +542,16 @@ struct RawSpawn {
     if (listener < 0 || bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr) < 0 ||
         listen(listener, 128) < 0)
       die("listen");
+    // What an echo child calls, called once here, before the forks: a lazy
+    // binding would otherwise be looked up in every child (the library's
+    // server does the same for its workers).
+    {
+      RawReader warm(-1);
+      std::string_view none;
+      (void)warm.next(none, true);
+      char byte = 0;
+      (void)::send(-1, &byte, 0, MSG_NOSIGNAL);
+    }
     server = fork();
     if (server < 0) die("fork");
     if (server == 0) {
@@ -587,6 +608,17 @@ void bench_spawn(int n) {
   });
   print("spawn_us", t[0] / per_batch * 1e6);
   print("floor_spawn_us", t[1] / per_batch * 1e6);
+  // What a fresh worker costs in page faults up to its first request: each
+  // page it touches after the fork is mapped, or copied, one at a time.
+  long faults = -1;
+  aet::frame_try(
+      [&] {
+        library.client.checkout().call("page_faults", {},
+                                       [&](aet::Checkout&, aet::Json r) { faults = static_cast<long>(r.as_int()); });
+      },
+      on_error);
+  run_until(library.loop, [&] { return faults >= 0; });
+  print("worker_faults_at_first_request", static_cast<double>(faults));
 }
 
 // ---- payload ---------------------------------------------------------------------
