@@ -5311,9 +5311,14 @@ class Worker {
         prefix_("aet-worker:" + options_.name + "[" + std::to_string(::getpid()) + "]: ") {
     worker_connection = conn;
     if (options_.hung_worker_timeout > 0) {
-      std::string line = prefix_ + "hung_worker_timeout of " + timeout_text + " s exceeded, exiting\n";
-      hung_message_size = std::min(line.size(), sizeof hung_message);
-      std::memcpy(hung_message, line.data(), hung_message_size);
+      // Copied piece by piece, as far as the buffer goes.
+      hung_message_size = 0;
+      for (std::string_view piece : {std::string_view(prefix_), std::string_view("hung_worker_timeout of "),
+                                     std::string_view(timeout_text), std::string_view(" s exceeded, exiting\n")}) {
+        const std::size_t n = std::min(piece.size(), sizeof hung_message - hung_message_size);
+        std::memcpy(hung_message + hung_message_size, piece.data(), n);
+        hung_message_size += n;
+      }
       try {
         timer_.emplace(options_.hung_worker_timeout);
       } catch (const std::exception& e) {
