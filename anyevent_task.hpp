@@ -4894,6 +4894,17 @@ inline OwnedFd listen_unix(const std::string& path, unsigned mode, UnixSocketFil
 
 // ---- the worker ----
 
+// Ends a worker: _exit(), by way of a call the master has made already
+// (close_descriptors_except uses syscall()). Under lazy binding a worker's
+// first _exit() would be looked up as the process ends, faulting in pages
+// of every library's symbol tables while the next worker starts.
+[[noreturn]] inline void exit_worker(int status) noexcept {
+#if defined(__linux__) && defined(SYS_exit_group)
+  ::syscall(SYS_exit_group, status);
+#endif
+  ::_exit(status);
+}
+
 // Set by SIGTERM/SIGINT in a worker: finish the request in progress, exit.
 inline volatile sig_atomic_t worker_stop_requested = 0;
 // The hung_worker_timeout line, formatted before any request so that the
@@ -4922,7 +4933,7 @@ inline volatile sig_atomic_t worker_connection = -1;
     if (n > 0 || (n < 0 && errno == EINTR)) continue;
     break;
   }
-  ::_exit(0);
+  exit_worker(0);
 }
 
 inline void on_worker_stop_signal(int) {
@@ -4965,7 +4976,7 @@ inline void on_hung_worker(int) {
   }
   ssize_t written = ::write(2, hung_message, hung_message_size);
   (void)written;
-  ::_exit(2);
+  exit_worker(2);
 }
 
 // hung_worker_timeout as two POSIX timers: SIGALRM at the timeout, at most
@@ -5373,11 +5384,11 @@ class Worker {
         protocol_error(e.what());
       }
       ssize_t n = ::read(conn_, space.first, space.second);
-      if (n == 0) ::_exit(0);
+      if (n == 0) exit_worker(0);
       if (n < 0) {
         error = errno;
         if (error == EINTR || error == EAGAIN) continue;
-        if (error == ECONNRESET) ::_exit(0);
+        if (error == ECONNRESET) exit_worker(0);
         fail("read: " + errno_text(error));
       }
       try {
@@ -5391,12 +5402,12 @@ class Worker {
  private:
   [[noreturn]] void protocol_error(const std::string& what) {
     log_line(prefix_ + "protocol error: " + what);
-    ::_exit(1);
+    exit_worker(1);
   }
   [[noreturn]] void exit_for_stop() { end_worker_for_stop(conn_); }
   [[noreturn]] void fail(const std::string& what) {
     log_line(prefix_ + what);
-    ::_exit(1);
+    exit_worker(1);
   }
 
   // Without waiting while the socket takes it all (the usual case); before
@@ -5413,7 +5424,7 @@ class Worker {
           flags = MSG_NOSIGNAL;
           continue;
         }
-        if (error == EPIPE || error == ECONNRESET) ::_exit(0);  // the client left
+        if (error == EPIPE || error == ECONNRESET) exit_worker(0);  // the client left
         fail("write: " + errno_text(error));
       }
     }
@@ -5500,7 +5511,7 @@ struct WorkerPrelude {
     log_line("aet-worker:" + options.name + "[" + std::to_string(::getpid()) + "]: " + e.what());
   } catch (...) {
   }
-  ::_exit(1);
+  exit_worker(1);
 }
 
 }  // namespace server_internals
