@@ -4894,10 +4894,10 @@ inline OwnedFd listen_unix(const std::string& path, unsigned mode, UnixSocketFil
 
 // ---- the worker ----
 
-// Ends a worker: _exit(), by way of a call the master has made already
-// (close_descriptors_except uses syscall()). Under lazy binding a worker's
-// first _exit() would be looked up as the process ends, faulting in pages
-// of every library's symbol tables while the next worker starts.
+// Ends a worker: _exit(), by way of syscall(), which the master has called
+// already (see warm_up_worker_paths). Under lazy binding a worker's first
+// _exit() would be looked up as the process ends, faulting in pages of
+// every library's symbol tables while the next worker starts.
 [[noreturn]] inline void exit_worker(int status) noexcept {
 #if defined(__linux__) && defined(SYS_exit_group)
   ::syscall(SYS_exit_group, status);
@@ -5458,8 +5458,10 @@ inline void warm_up_worker_paths() noexcept {
     char byte = 0;
     (void)::read(-1, &byte, 0);  // EBADF, as the next two
     (void)::send(-1, &byte, 0, MSG_NOSIGNAL);
+    (void)::getpid();
     const itimerspec off{};
 #ifdef __linux__
+    (void)::syscall(SYS_getpid);    // close_descriptors_except and exit_worker call syscall()
     (void)::timerfd_create(-1, 0);  // EINVAL: no clock -1
     (void)::timerfd_settime(-1, 0, &off, nullptr);
 #endif
