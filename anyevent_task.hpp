@@ -5456,7 +5456,7 @@ inline void warm_up_worker_paths() noexcept {
     const timespec now{0, 0};
     (void)::ppoll(nullptr, 0, &now, nullptr);  // returns at once, the signal mask untouched
     char byte = 0;
-    (void)::read(-1, &byte, 0);  // EBADF, as the next two
+    (void)::read(-1, &byte, 0);  // EBADF, as send() below
     (void)::send(-1, &byte, 0, MSG_NOSIGNAL);
     (void)::getpid();
     const itimerspec off{};
