@@ -5052,7 +5052,7 @@ class HungTimer {
       kill_due_ = now + timeout_ns_ + guard_ns + slack_ns_;
       const itimerspec at = absolute_time(kill_due_);
       ::timer_settime(kill_, TIMER_ABSTIME, &at, nullptr);
-      set_idle_wake(kill_due_ - guard_ns);
+      set_idle_wake(clear_backstop_at());
     }
   }
   // The request ended.
@@ -5065,7 +5065,7 @@ class HungTimer {
   // idle_wake_fd() is polled too (it goes off in time).
   int idle_wait_ms() noexcept {
     if (kill_due_ == 0 || idle_wake_) return -1;
-    const std::int64_t left = kill_due_ - guard_ns - monotonic_ns();
+    const std::int64_t left = clear_backstop_at() - monotonic_ns();
     if (left <= 0) {
       quiet();
       return -1;
@@ -5090,11 +5090,13 @@ class HungTimer {
   // so a descriptor that is not the timerfd any more (the handler closed
   // it, and the number went to something else) is only given up.
   void on_idle_wake() noexcept {
-    if (kill_due_ != 0 && kill_due_ - guard_ns - monotonic_ns() <= 0) quiet();
-    set_idle_wake(kill_due_ == 0 ? 0 : kill_due_ - guard_ns);
+    if (kill_due_ != 0 && clear_backstop_at() - monotonic_ns() <= 0) quiet();
+    set_idle_wake(kill_due_ == 0 ? 0 : clear_backstop_at());
   }
 
  private:
+  // When an idle worker clears the armed backstop: a second before it fires.
+  std::int64_t clear_backstop_at() const noexcept { return kill_due_ - guard_ns; }
   // The idle wake at `at_ns` on the monotonic clock; 0 disarms it.
   void set_idle_wake(std::int64_t at_ns) noexcept {
 #ifdef __linux__
@@ -5112,7 +5114,7 @@ class HungTimer {
   std::int64_t slack_ns_;
   timer_t kill_{};
   std::int64_t kill_due_ = 0;  // where the backstop is armed; 0: not armed
-  OwnedFd idle_wake_;          // a timerfd at kill_due_ - guard_ns, or none
+  OwnedFd idle_wake_;          // a timerfd at clear_backstop_at(), or none
 };
 
 // Replaces every non-ASCII byte: the last resort for an error message that

@@ -400,7 +400,7 @@ struct RawPool {
       e.data.u64 = i;
       if (wait == Wait::epoll && epoll_ctl(epoll_fd, EPOLL_CTL_ADD, echoes.back()->fd, &e) < 0) die("epoll_ctl");
     }
-    events.resize(workers);
+    if (wait == Wait::epoll) events.resize(workers);
   }
   ~RawPool() {
     if (epoll_fd >= 0) close(epoll_fd);
